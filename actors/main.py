@@ -1,0 +1,264 @@
+"""The simulation actor process (`tandem-actor`).
+
+Runs twin envs with an inference copy of the policy, cuts rollouts into segments of T
+chunk-steps carrying behaviour log-probabilities and values, and hands them to the learner:
+through a shared-memory ring plus a small notice on the learner's host, else as ZeroMQ frames.
+New weights are applied only between action chunks. ``actor.mode=eval`` runs deterministic
+episodes instead and reports their success rate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections import deque
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from actors.env_pool import EnvPool
+from common.channels import ControlClient, DataSender, WeightSubscriber
+from common.config import run_with_config
+from common.policy import make_policy
+from common.protocol import Message
+from common.segment import SegmentSpec
+from common.shm_ring import ShmRingWriter
+
+log = logging.getLogger("tandem.actor")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Actor:
+    def __init__(self, cfg: DictConfig):
+        self.cfg, acfg = cfg, cfg.actor
+        self.id = acfg.id or f"actor-{os.getpid()}"
+        self.mode = acfg.mode
+        self.device = resolve_device(acfg.device)
+        torch.set_num_threads(acfg.torch_threads)
+        torch.manual_seed(cfg.seed + acfg.seed_offset)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + acfg.seed_offset)
+        self.policy = make_policy(cfg.policy).to(self.device).eval()
+        self.version = -1
+        self.gamma = float(cfg.learner.gamma)
+        self.real_proxy = bool(acfg.real_proxy)
+        self.pool = EnvPool(cfg.env, acfg.num_envs, real_proxy=self.real_proxy,
+                            seed=cfg.seed * 1_000_003 + acfg.seed_offset * 10_007)
+        self.steps = int(acfg.rollout_steps)
+        self._token_cache: dict[str, torch.Tensor] = {}
+        tcfg = cfg.transport
+        self.sender = DataSender.from_config(tcfg)
+        self.weights = WeightSubscriber.from_config(tcfg)
+        self.control = ControlClient.from_config(tcfg, identity=self.id)
+        self.ring: ShmRingWriter | None = None
+        self.use_shm = bool(tcfg.use_shm) and self.mode == "train"
+        self.stop = False
+        self.stats = dict(env_steps=0, segments=0, episodes=0, send_failures=0)
+        self.recent_success: deque = deque(maxlen=acfg.success_window)
+        self.learner_session = None
+        self._t0 = time.time()
+        self._last_hb = 0.0
+
+    # -- observation helpers ------------------------------------------------------------
+    def tokens_for(self, instruction: str) -> torch.Tensor:
+        if instruction not in self._token_cache:
+            self._token_cache[instruction] = self.policy.tokenize([instruction])[0]
+        return self._token_cache[instruction]
+
+    def batch_obs(self, obs_list: list[dict], instructions: list[str]) -> dict:
+        return {
+            "image": torch.from_numpy(np.stack([o["image"] for o in obs_list])).to(self.device),
+            "state": torch.from_numpy(np.stack([o["state"] for o in obs_list])).float().to(self.device),
+            "tokens": torch.stack([self.tokens_for(s) for s in instructions]).to(self.device),
+        }
+
+    # -- weights and control ------------------------------------------------------------
+    def maybe_update_weights(self, timeout_ms: int = 0) -> bool:
+        msg = self.weights.poll_latest(timeout_ms=timeout_ms)
+        if msg is None:
+            return False
+        self.policy.set_weights(msg.arrays)
+        self.version = msg.policy_version
+        log.info("%s: applied weights version %d", self.id, self.version)
+        return True
+
+    def heartbeat(self, force: bool = False, extra: dict | None = None):
+        now = time.time()
+        if not force and now - self._last_hb < self.cfg.transport.heartbeat_interval_s:
+            return
+        self._last_hb = now
+        elapsed = max(now - self._t0, 1e-6)
+        meta = dict(self.stats, mode=self.mode, real_proxy=self.real_proxy, policy_version=self.version,
+                    env_steps_per_s=self.stats["env_steps"] / elapsed, pid=os.getpid(),
+                    success_rate=float(np.mean(self.recent_success)) if self.recent_success else -1.0,
+                    ring_drops=self.ring.drops if self.ring else 0)
+        meta.update(extra or {})
+        reply = self.control.request(Message(kind="heartbeat", sender=self.id, policy_version=self.version,
+                                             meta=meta))
+        if reply is not None:
+            session = reply.meta.get("session")
+            if self.learner_session is not None and session != self.learner_session:
+                log.warning("%s: learner restarted (session %s -> %s)", self.id, self.learner_session, session)
+                if self.ring is not None:
+                    self.ring.reclaim_unread()  # notices of the old session are gone with it
+            self.learner_session = session
+
+    def wait_for_weights(self):
+        log.info("%s: waiting for the learner's weights", self.id)
+        while not self.stop and self.version < 0:
+            self.heartbeat(force=True, extra={"want_weights": True})
+            self.maybe_update_weights(timeout_ms=int(self.cfg.transport.heartbeat_interval_s * 1000))
+
+    # -- rollouts -------------------------------------------------------------------------
+    def ensure_ring(self, spec: SegmentSpec):
+        if self.use_shm and self.ring is None:
+            self.ring = ShmRingWriter.from_config(self.cfg.transport, spec.arrays())
+            # the learner attaches to the ring from what the notice says about it
+            self._ring_meta = {"spec": dataclasses.asdict(spec), "num_slots": self.ring.num_slots}
+
+    def ship(self, spec: SegmentSpec, fill, env_index: int, version: int):
+        """Write one segment into the ring (or a fresh buffer) via ``fill`` and notify the learner."""
+        if self.ring is not None:
+            slot = self.ring.acquire()
+            if slot is None:  # ring full and full_policy == drop
+                return
+            fill(slot)
+            notice = self.ring.commit(slot, version)
+            msg = Message(kind="segment_notice", sender=self.id, policy_version=version,
+                          meta=dict(notice, env_index=env_index, **self._ring_meta))
+        else:
+            arrays = spec.empty()
+            fill(arrays)
+            msg = Message(kind="segment", sender=self.id, policy_version=version,
+                          meta={"env_index": env_index}, arrays=arrays)
+        if self.sender.send(msg, timeout_ms=self.cfg.actor.send_timeout_ms):
+            self.stats["segments"] += 1
+        else:
+            self.stats["send_failures"] += 1
+
+    def run_train(self):
+        B, T = self.pool.num_envs, self.steps
+        first = self.pool.reset()
+        obs = [o for o, _ in first]
+        instr = [s for _, s in first]
+        self.wait_for_weights()
+        k = self.policy.exec_horizon
+        spec = None
+        while not self.stop:
+            if spec is None:
+                h, w = obs[0]["image"].shape[:2]
+                spec = SegmentSpec(steps=T, image_hw=(h, w), token_len=self.policy.token_len,
+                                   state_dim=obs[0]["state"].shape[0], chunk_size=self.policy.chunk_size,
+                                   num_denoise_steps=self.policy.num_denoise_steps)
+                self.ensure_ring(spec)
+            buf = spec.empty()
+            bufs = [{k_: v.copy() for k_, v in buf.items()} for _ in range(B)]
+            versions = []
+            for t in range(T):
+                self.maybe_update_weights()  # only between chunks
+                versions.append(self.version)
+                o = self.batch_obs(obs, instr)
+                with torch.no_grad():
+                    out = self.policy.sample(o, generator=self.generator)
+                actions = out.actions[:, :k].cpu().numpy().astype(np.float32)
+                results = self.pool.run_chunks(actions)
+                for i, r in enumerate(results):
+                    b = bufs[i]
+                    b["image"][t] = obs[i]["image"]
+                    b["state"][t] = obs[i]["state"]
+                    b["tokens"][t] = o["tokens"][i].cpu().numpy()
+                    b["chain"][t] = out.chain[i].cpu().numpy()
+                    b["behaviour_logp"][t] = out.log_prob[i].item()
+                    b["behaviour_value"][t] = out.value[i].item()
+                    reward = r.reward
+                    if r.truncated:  # bootstrap through the time limit with the behaviour value
+                        fo = self.batch_obs([r.final_obs], [instr[i]])
+                        with torch.no_grad():
+                            reward += self.gamma * float(self.policy.value(fo)[0])
+                    b["reward"][t] = reward
+                    b["done"][t] = r.done
+                    b["success"][t] = r.success
+                    self.stats["env_steps"] += r.env_steps
+                    if r.done:
+                        self.stats["episodes"] += 1
+                        self.recent_success.append(float(r.success))
+                    obs[i], instr[i] = r.obs, r.instruction
+                self.heartbeat()
+                if self.stop:
+                    return
+            last = self.batch_obs(obs, instr)
+            for i in range(B):
+                bufs[i]["image"][T] = obs[i]["image"]
+                bufs[i]["state"][T] = obs[i]["state"]
+                bufs[i]["tokens"][T] = last["tokens"][i].cpu().numpy()
+
+                def fill(dst, src=bufs[i]):
+                    for name, arr in src.items():
+                        np.copyto(dst[name], arr)
+
+                self.ship(spec, fill, i, min(versions))
+            if self.cfg.actor.max_segments and self.stats["segments"] >= self.cfg.actor.max_segments:
+                return
+
+    def run_eval(self):
+        """Deterministic episodes; success reported to the learner as eval results."""
+        self.wait_for_weights()
+        k = self.policy.exec_horizon
+        env_name = "real_proxy" if self.real_proxy else "sim"
+        while not self.stop:
+            version = self.version
+            successes = []
+            for _ in range(self.cfg.actor.eval_episodes):
+                (o, s), = self.pool.reset()[:1]
+                done = False
+                while not done and not self.stop:
+                    with torch.no_grad():
+                        chunk = self.policy.act(self.batch_obs([o], [s]))[0, :k].cpu().numpy()
+                    r = self.pool.run_chunks(chunk[None].astype(np.float32))[0]
+                    self.stats["env_steps"] += r.env_steps
+                    done, o, s = r.done, r.obs, r.instruction
+                    self.heartbeat()
+                if self.stop:
+                    return
+                successes.append(float(r.success))
+                self.stats["episodes"] += 1
+            self.heartbeat(force=True, extra={"eval_env": env_name, "eval_version": version,
+                                              "eval_success": float(np.mean(successes)),
+                                              "eval_episodes": len(successes)})
+            self.maybe_update_weights(timeout_ms=0)
+            if self.cfg.actor.max_eval_rounds and self.stats["episodes"] >= (
+                    self.cfg.actor.max_eval_rounds * self.cfg.actor.eval_episodes):
+                return
+
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: setattr(self, "stop", True))
+        try:
+            (self.run_eval if self.mode == "eval" else self.run_train)()
+        finally:
+            self.heartbeat(force=True, extra={"bye": True})
+            self.close()
+        return 0
+
+    def close(self):
+        self.pool.close()
+        if self.ring is not None:
+            self.ring.close()
+        for ch in (self.sender, self.weights, self.control):
+            ch.close()
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_with_config(lambda cfg: Actor(cfg).run(), argv=argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

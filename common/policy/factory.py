@@ -1,0 +1,53 @@
+"""Build a policy from the composed Hydra group ``cfg.policy`` or load a saved one.
+
+Backends are registered by ``name`` as "module:Class" strings and imported lazily, so a backend
+with heavy dependencies (pi0.5) costs nothing unless it is used.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Mapping, Optional
+
+from .base import Policy
+
+BACKENDS: dict[str, str] = {
+    "compact_vla": "common.policy.compact_vla:CompactVLA",
+}
+
+
+def register_backend(name: str, target: str) -> None:
+    """``target`` is "package.module:ClassName" of a ``Policy`` subclass taking ``(cfg, stats)``."""
+    BACKENDS[name] = target
+
+
+def _backend(name: str) -> type[Policy]:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown policy backend {name!r} (registered: {sorted(BACKENDS)})")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def plain_dict(cfg) -> dict:
+    """A DictConfig (resolved) or mapping as a plain dict."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def make_policy(policy_cfg: Mapping, stats: Optional[Mapping] = None) -> Policy:
+    """``policy_cfg``: the ``policy`` group (needs ``name``); ``stats``: a LeRobot ``meta.stats``."""
+    cfg = plain_dict(policy_cfg)
+    return _backend(cfg["name"])(cfg, stats)
+
+
+def load_policy(path: str, map_location: str = "cpu") -> Policy:
+    """Rebuild a policy saved with ``policy.save(path)`` from its config.json and weights."""
+    with open(os.path.join(path, "config.json")) as f:
+        name = json.load(f)["name"]
+    return _backend(name).load(path, map_location=map_location)

@@ -1,0 +1,86 @@
+"""Flow-matching math, shared by the stochastic sampler (RL) and the SFT loss.
+
+Time convention (the rectified-flow one, i.e. the OPPOSITE of pi0's):
+  t = 0 is pure noise, t = 1 is data.  x_t = (1 - t) * noise + t * action,
+  velocity target u = d x_t / dt = action - noise.
+  Denoising integrates forward: t_k = k / K, dt = 1 / K, x_{k+1} = x_k + dt * v(x_k, t_k).
+(pi0 uses t = 1 for noise, u = noise - action and integrates with dt = -1/K; t_ours = 1 - t_pi0,
+so pi0's Beta(1.5, 1) time density becomes Beta(1, 1.5) here.)
+
+Stochastic denoising for RL (flow-noise, as ReinFlow / RLinf's flow-noise for pi0): every Euler
+step is a Gaussian transition x_{k+1} ~ N(x_k + dt * v, sigma_k^2 I). Given the stored chain
+x_0..x_K, log p(chain) = sum_k log N(x_{k+1}; mean_k, sigma_k^2), exactly. The initial-noise
+density log N(x_0; 0, I) does not depend on the weights and is left out.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def interpolate(noise: torch.Tensor, actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) noise + t actions; ``t`` broadcasts (e.g. [B, 1, 1])."""
+    return (1.0 - t) * noise + t * actions
+
+
+def velocity_target(noise: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    return actions - noise
+
+
+def sample_time(batch: int, dist: str, alpha: float, beta: float, t_max: float,
+                generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """SFT training times in [0, t_max] (t_max < 1 keeps the target's x_t away from pure data).
+
+    "uniform", or "beta": Beta(alpha, beta). With alpha == 1 or beta == 1 it is drawn by inverse
+    CDF, so a ``generator`` makes it reproducible; other shapes use torch.distributions (global RNG).
+    """
+    u = torch.rand(batch, generator=generator, device=device)
+    if dist == "uniform":
+        t = u
+    elif dist == "beta":
+        if alpha == 1.0:  # CDF 1 - (1 - t)^beta
+            t = 1.0 - (1.0 - u) ** (1.0 / beta)
+        elif beta == 1.0:  # CDF t^alpha
+            t = u ** (1.0 / alpha)
+        else:
+            t = torch.distributions.Beta(torch.tensor(float(alpha), device=device),
+                                         torch.tensor(float(beta), device=device)).sample((batch,))
+    else:
+        raise ValueError(f"unknown time distribution {dist!r} (uniform | beta)")
+    return t * t_max
+
+
+def bounded_sigma(raw: torch.Tensor, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Learned noise level squashed into [sigma_min, sigma_max]."""
+    return sigma_min + (sigma_max - sigma_min) * torch.sigmoid(raw)
+
+
+def inverse_bounded_sigma(sigma: float, sigma_min: float, sigma_max: float) -> float:
+    """The raw value whose ``bounded_sigma`` is ``sigma`` (for initialising the noise head)."""
+    if sigma_max <= sigma_min:
+        return 0.0
+    p = min(max((sigma - sigma_min) / (sigma_max - sigma_min), 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
+def scheduled_sigma(num_steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """sigma_k linear from sigma_max (first step) to sigma_min (last step); constant if equal."""
+    if num_steps == 1:
+        return torch.tensor([sigma_max], dtype=torch.float32)
+    frac = torch.arange(num_steps, dtype=torch.float32) / (num_steps - 1)
+    return sigma_max + (sigma_min - sigma_max) * frac
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Element-wise log N(x; mean, sigma^2)."""
+    z = (x - mean) / sigma
+    return -0.5 * z * z - torch.log(sigma) - 0.5 * LOG_2PI
+
+
+def gaussian_entropy(sigma: torch.Tensor) -> torch.Tensor:
+    """Element-wise entropy of N(., sigma^2): 0.5 log(2 pi e sigma^2)."""
+    return 0.5 * (LOG_2PI + 1.0) + torch.log(sigma)

@@ -1,0 +1,47 @@
+"""The trajectory segment an actor hands to the learner: T chunk-steps of one env.
+
+One chunk-step = one policy call: the actor samples a chunk of H actions and executes the first
+k of them. Observation arrays hold T+1 entries; the last is the observation after the segment,
+which the learner uses for the V-trace bootstrap value under its current weights.
+
+Time-limit truncation: the actor adds gamma * V_behaviour(final observation) to that step's
+reward and marks it ``done``, so every ``done`` means "no bootstrap across this boundary".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    steps: int  # T chunk-steps per segment
+    image_hw: tuple[int, int]
+    token_len: int  # L
+    state_dim: int  # S
+    num_denoise_steps: int  # K (the chain holds K+1 elements)
+    chunk_size: int  # H
+    action_dim: int = 7
+
+    def arrays(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Name -> (dtype, shape) of every array in a segment, in a fixed order."""
+        T, (h, w) = self.steps, self.image_hw
+        f32, u8 = np.dtype(np.float32), np.dtype(np.uint8)
+        return {
+            "image": (u8, (T + 1, h, w, 3)),
+            "tokens": (np.dtype(np.int32), (T + 1, self.token_len)),
+            "state": (f32, (T + 1, self.state_dim)),
+            "chain": (f32, (T, self.num_denoise_steps + 1, self.chunk_size, self.action_dim)),
+            "behaviour_logp": (f32, (T,)),
+            "behaviour_value": (f32, (T,)),
+            "reward": (f32, (T,)),
+            "done": (u8, (T,)),  # episode ended at this chunk-step (terminal or truncated)
+            "success": (u8, (T,)),  # episode ended with success at this chunk-step
+        }
+
+    def nbytes(self) -> int:
+        return sum(int(np.prod(s)) * d.itemsize for d, s in self.arrays().values())
+
+    def empty(self) -> dict[str, np.ndarray]:
+        return {k: np.zeros(s, d) for k, (d, s) in self.arrays().items()}

@@ -1,0 +1,145 @@
+"""Demonstrations from the twin as a LeRobot v3.0 dataset (the same schema as real episodes).
+
+Runs the scripted expert (or any policy) in the twin or the real proxy and saves each episode as
+it ends, so an interrupted run keeps every episode saved so far (Ctrl-C and SIGTERM finalise the
+dataset before exiting). By default only successful episodes are kept.
+
+CLI (Hydra overrides of configs/config.yaml go alongside):
+  python -m common.twin.demos out=/data/twin_demos episodes=50 env=real_proxy image_size=128x128 \
+      [repo_id=tandem/twin_demos] [video=false] [keep_failed=false] [seed=0]
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from common.twin.expert import ScriptedExpert
+from common.twin.schema import ACTION_KEY, IMAGE_KEY, ROBOT_TYPE, STATE_KEY, dataset_features
+from common.twin.task import to_dict
+from common.twin.wrappers import make_env
+
+Policy = Union[Callable[[dict], np.ndarray], Any]  # a callable, or an object with act(obs) (and optional reset())
+
+
+def _act_fn(policy: Policy) -> Callable[[dict], np.ndarray]:
+    return policy.act if hasattr(policy, "act") else policy
+
+
+def write_demos(env_cfg: Any, root: Union[str, Path], repo_id: str, num_episodes: int, *,
+                real_proxy: bool = False, seed: int = 0, policy: Optional[Policy] = None,
+                use_videos: bool = False, keep_failed: bool = False, max_attempts: Optional[int] = None,
+                image_writer_threads: int = 2, progress: bool = True) -> Path:
+    """Write ``num_episodes`` episodes to a new LeRobot dataset at ``root``; returns ``root``.
+
+    ``policy``: ``None`` runs :class:`ScriptedExpert`; otherwise a callable ``obs -> action[7]`` or an
+    object with ``act(obs)`` (its ``reset()`` is called at each episode start if present).
+    Episode ``k`` of the run uses env seed ``seed + k`` (attempts, counting discarded ones).
+    ``max_attempts`` bounds the episodes run (default ``4 * num_episodes``).
+    """
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    root = Path(root)
+    cfg = to_dict(env_cfg)
+    env = make_env(cfg, real_proxy=real_proxy, obs_mode="rgb")
+    expert = ScriptedExpert(env) if policy is None else None
+    agent = expert if policy is None else policy
+    act = _act_fn(agent)
+    dataset = LeRobotDataset.create(
+        repo_id, fps=env.control_freq, features=dataset_features(env.image_size, use_videos), root=root,
+        robot_type=ROBOT_TYPE, use_videos=use_videos, image_writer_threads=image_writer_threads,
+        metadata_buffer_size=1)  # episode metadata on disk as each episode is saved
+
+    def _terminate(signum, frame):  # SIGTERM -> KeyboardInterrupt so `finally` finalises the dataset
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate) if _in_main_thread() else None
+    saved = attempts = 0
+    max_attempts = max_attempts or 4 * num_episodes
+    bar = tqdm(total=num_episodes, desc=f"demos -> {root.name}", unit="ep", disable=not progress)
+    try:
+        while saved < num_episodes and attempts < max_attempts:
+            obs, info = env.reset(seed=seed + attempts)
+            attempts += 1
+            if hasattr(agent, "reset"):
+                agent.reset()
+            done = False
+            while not done:
+                action = np.asarray(act(obs), dtype=np.float32).reshape(7)
+                dataset.add_frame({IMAGE_KEY: obs["image"], STATE_KEY: obs["state"], ACTION_KEY: action,
+                                   "task": env.instruction})
+                obs, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+            if info["success"] or keep_failed:
+                dataset.save_episode()
+                saved += 1
+                bar.update(1)
+            else:
+                dataset.clear_episode_buffer()
+            bar.set_postfix(attempts=attempts)
+    except KeyboardInterrupt:
+        if dataset.episode_buffer is not None and dataset.episode_buffer["size"] > 0:
+            dataset.clear_episode_buffer()
+        print(f"\ninterrupted: {saved} episodes saved in {root}", file=sys.stderr)
+    finally:
+        bar.close()
+        dataset.finalize()
+        env.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if saved < num_episodes and attempts >= max_attempts:
+        print(f"warning: {saved}/{num_episodes} episodes kept after {attempts} attempts", file=sys.stderr)
+    return root
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _parse_image_size(text: str) -> list[int]:
+    """'128' -> [128, 128]; '480x640' or '[480,640]' -> [H, W]."""
+    parts = [int(p) for p in text.strip("[]()").replace("x", ",").split(",") if p.strip()]
+    return parts * 2 if len(parts) == 1 else parts
+
+
+def main(argv=None) -> int:
+    from common.config import load_config
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    opts = dict(out=None, episodes="10", repo_id=None, video="false", keep_failed="false", image_size=None)
+    overrides = []
+    for a in args:
+        key, _, value = a.partition("=")
+        if key in opts:
+            opts[key] = value
+        else:
+            overrides.append(a)
+    if opts["out"] is None:
+        print("out=/path is required", file=sys.stderr)
+        return 2
+    if opts["image_size"]:
+        h, w = _parse_image_size(opts["image_size"])
+        overrides += [f"env.camera.height={h}", f"env.camera.width={w}"]
+    cfg = load_config("config", overrides)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(opts["out"])
+    root = write_demos(cfg.env, out, opts["repo_id"] or f"tandem/{out.name}", int(opts["episodes"]),
+                       real_proxy=bool(cfg.env.real_proxy), seed=int(cfg.seed),
+                       use_videos=opts["video"].lower() in ("1", "true", "yes"),
+                       keep_failed=opts["keep_failed"].lower() in ("1", "true", "yes"))
+    print(f"wrote {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,371 @@
+"""The learner process (`tandem-learner`).
+
+Two threads, as Sample Factory separates batcher and learner:
+- ingest: owns the data (PULL) and control (ROUTER) sockets; turns shared-memory notices and
+  ZeroMQ segments into queued segments, stores real episodes (disk first), answers peers;
+- train (main thread): V-trace PPO (+ SFT co-training) updates, weight broadcast (PUB),
+  checkpoints and TensorBoard logs.
+Bad messages are dropped and counted; actors may come and go; SIGINT/SIGTERM checkpoint and exit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from common.channels import ControlServer, DataReceiver, WeightPublisher
+from common.config import run_with_config
+from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, EpisodeFormatError, ack_reply,
+                                is_ack_request, message_to_episode)
+from common.policy import load_policy, make_policy
+from common.protocol import Message
+from common.segment import SegmentSpec
+from common.shm_ring import ShmRingReader
+from learner.batcher import Batcher
+from learner.checkpoint import LearnerCounters, load_latest_checkpoint, save_checkpoint
+from learner.cotrain import make_optimizer, train_step
+from learner.metrics import LossRatioMonitor, MetricsWriter
+from learner.real_replay import RealReplay
+
+log = logging.getLogger("tandem.learner")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Ingest(threading.Thread):
+    """Receives everything the learner is sent; the only user of the data and control sockets."""
+
+    def __init__(self, learner: "Learner"):
+        super().__init__(name="ingest", daemon=True)
+        self.L = learner
+        cfg = learner.cfg.transport
+        self.data = DataReceiver.from_config(cfg)
+        self.control = ControlServer.from_config(cfg)
+        self.rings: dict[str, ShmRingReader] = {}
+        self.peers: dict[str, dict] = {}
+        self.dropped = defaultdict(int)  # reason -> count, beyond the channels' own counters
+        self.duplicate_episodes = 0
+        self.stop = threading.Event()
+        self.peer_timeout_s = float(cfg.peer_timeout_s)
+        self._last_reap = time.time()
+
+    # -- data ---------------------------------------------------------------------------------
+    def on_segment(self, msg: Message):
+        self.L.add_segment(dict(msg.arrays), msg.policy_version)
+
+    def on_notice(self, msg: Message):
+        meta = msg.meta
+        name = meta.get("ring")
+        reader = self.rings.get(name)
+        if reader is None:
+            try:
+                spec = SegmentSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()})
+                reader = ShmRingReader.attach(name, spec.arrays(), meta.get("num_slots"))
+            except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+                self.dropped["bad_ring"] += 1
+                log.warning("dropping notice for ring %r from %s: %s", name, msg.sender, e)
+                return
+            self.rings[name] = reader
+        views = reader.read(meta)
+        if views is None:  # not READY with this seq: a writer that died mid-write, or a stale notice
+            self.dropped["slot_not_ready"] += 1
+            return
+        try:
+            segment = {k: np.array(v) for k, v in views.items()}  # the one copy out of shared memory
+        finally:
+            reader.release(meta)
+        self.L.add_segment(segment, msg.policy_version)
+
+    def on_episode(self, msg: Message):
+        try:
+            ep = message_to_episode(msg)
+        except EpisodeFormatError as e:
+            self.dropped["bad_episode"] += 1
+            log.warning("dropping episode from %s: %s", msg.sender, e)
+            return
+        self.L.store_episode(ep)
+
+    # -- control ------------------------------------------------------------------------------
+    def on_control(self, peer: bytes, msg: Message):
+        name = msg.sender or peer.decode(errors="replace")
+        if is_ack_request(msg):
+            self.control.reply(peer, ack_reply(msg, self.L.stored_episode_ids.__contains__), in_reply_to=msg)
+            return
+        if msg.kind in ("hello", "heartbeat", "bye"):
+            info = self.peers.setdefault(name, {})
+            info.update(msg.meta, last_seen=time.time(), policy_version=msg.policy_version)
+            if msg.kind == "bye" or msg.meta.get("bye"):
+                self.peers.pop(name, None)
+            if msg.meta.get("want_weights"):
+                self.L.republish.set()
+            if "eval_success" in msg.meta:
+                self.L.record_eval(msg.meta)
+        reply = Message(kind="status", sender="learner", policy_version=self.L.version,
+                        meta=self.L.status(self.peers) if msg.kind == "status_request" else
+                        {"session": self.L.session})
+        self.control.reply(peer, reply, in_reply_to=msg)
+
+    def reap(self):
+        now = time.time()
+        for name in [n for n, p in self.peers.items() if now - p["last_seen"] > self.peer_timeout_s]:
+            log.warning("peer %s silent for %.0fs: marked gone", name, now - self.peers[name]["last_seen"])
+            self.peers.pop(name)
+        for name in [n for n, r in self.rings.items() if not r.owner_alive()]:
+            log.warning("ring %s: its writer died; unlinking it", name)
+            reader = self.rings.pop(name)
+            reader.unlink()
+            reader.close()
+
+    def run(self):
+        handlers = {"segment": self.on_segment, "segment_notice": self.on_notice, "episode": self.on_episode}
+        while not self.stop.is_set():
+            try:
+                for _ in range(64):  # serve control between bursts of data
+                    msg = self.data.recv(timeout_ms=5)
+                    if msg is None:
+                        break
+                    handler = handlers.get(msg.kind)
+                    if handler is None:
+                        self.dropped[f"unexpected_kind:{msg.kind}"] += 1
+                    else:
+                        handler(msg)
+                while (req := self.control.poll(timeout_ms=0)) is not None:
+                    self.on_control(*req)
+                if time.time() - self._last_reap > 1.0:
+                    self.reap()
+                    self._last_reap = time.time()
+            except Exception:  # the learner must outlive any one bad input
+                self.dropped["ingest_error"] += 1
+                log.exception("ingest error (message dropped)")
+        self.data.close()
+        self.control.close()
+        for r in self.rings.values():
+            r.close()
+
+    def dropped_total(self) -> dict:
+        d = dict(self.dropped)
+        d["protocol_data"] = self.data.drops.total
+        d["protocol_control"] = self.control.drops.total
+        d["ring"] = sum(r.drops.total for r in self.rings.values())
+        return d
+
+
+class Learner:
+    def __init__(self, cfg: DictConfig):
+        self.cfg, lcfg = cfg, cfg.learner
+        self.device = resolve_device(lcfg.device)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.session = uuid.uuid4().hex[:8]
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.co_train = bool(lcfg.use_real_data_co_training)
+        self.replay = RealReplay.from_config(lcfg, seed=cfg.seed) if (self.co_train or lcfg.live_dataset.root) else None
+        self.ids_file = self.run_dir / "stored_episode_ids.json"
+        self.stored_episode_ids: set[str] = set(json.loads(self.ids_file.read_text())) if self.ids_file.exists() else set()
+
+        ckpt = load_latest_checkpoint(lcfg.checkpoint_dir, map_location=str(self.device))
+        if ckpt is not None:
+            self.policy = ckpt.policy.to(self.device)
+            self.counters = ckpt.counters
+            log.info("resumed from %s (version %d, %d updates)", ckpt.path, self.counters.policy_version, self.counters.updates)
+        else:
+            if lcfg.model_path:
+                self.policy = load_policy(lcfg.model_path, map_location=str(self.device))
+                log.info("initial weights from %s", lcfg.model_path)
+            else:
+                stats = self.replay.dataset_stats() if self.replay is not None else None
+                self.policy = make_policy(cfg.policy, stats=stats or None)
+            self.policy = self.policy.to(self.device)
+            self.counters = LearnerCounters()
+        self.optimizer = make_optimizer(self.policy, lcfg)
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.batcher = Batcher.from_config(lcfg, self.device)
+        self.batch_lock = threading.Lock()
+        self.metrics = MetricsWriter(lcfg.log_dir)
+        self.ratio_monitor = LossRatioMonitor.from_config(lcfg)
+        self.publisher = WeightPublisher.from_config(cfg.transport)
+        self.republish = threading.Event()
+        self.stop = threading.Event()
+        self.eval_history: list[dict] = []
+        self.last_stats: dict = {}
+        self._samples_window = (time.time(), self.counters.sim_samples)
+        self.samples_per_s = 0.0
+        self.ingest = Ingest(self)
+
+    @property
+    def version(self) -> int:
+        return self.counters.policy_version
+
+    # -- called from the ingest thread --------------------------------------------------------
+    def add_segment(self, segment: dict, policy_version: int):
+        with self.batch_lock:
+            self.batcher.add(segment, policy_version, self.version)
+
+    def store_episode(self, ep):
+        if ep.episode_id in self.stored_episode_ids:
+            self.ingest.duplicate_episodes += 1
+            return
+        if self.replay is None or self.replay.live is None:
+            self.ingest.dropped["no_live_dataset"] += 1
+            log.warning("episode %s dropped: learner.live_dataset.root is not set", ep.episode_id)
+            return
+        self.replay.add_episode({IMAGE_KEY: ep.images, STATE_KEY: ep.states, ACTION_KEY: ep.actions}, ep.task)
+        self.stored_episode_ids.add(ep.episode_id)  # only after it is on disk: the ack says "stored"
+        tmp = self.ids_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(self.stored_episode_ids)))
+        tmp.replace(self.ids_file)
+        log.info("stored real episode %s (%d frames, success=%s)", ep.episode_id, ep.num_frames, ep.success)
+
+    def record_eval(self, meta: dict):
+        env = "real_proxy" if meta.get("eval_env") == "real_proxy" else "sim"
+        entry = {"env": env, "success": float(meta["eval_success"]), "episodes": int(meta.get("eval_episodes", 0)),
+                 "policy_version": int(meta.get("eval_version", -1)), "update": self.counters.updates,
+                 "time": time.time()}
+        self.eval_history.append(entry)
+        self.metrics.log({f"eval/{env}_success": entry["success"]}, self.counters.updates)
+
+    def status(self, peers: dict) -> dict:
+        size = self.replay.size() if self.replay is not None else {"episodes": 0, "frames": 0}
+        now = time.time()
+        actors = {n: {k: v for k, v in p.items() if isinstance(v, (int, float, str, bool))} | {"age_s": now - p["last_seen"]}
+                  for n, p in peers.items()}
+        b = self.batcher.stats()
+        return {"session": self.session, "updates": self.counters.updates, "samples_per_s": self.samples_per_s,
+                "queue_depth": self.batcher.queue_depth, "real_episodes": size["episodes"], "real_frames": size["frames"],
+                "lag_mean": b["policy_lag/mean"], "lag_max": b["policy_lag/max"],
+                "dropped": {**self.ingest.dropped_total(), "stale": self.batcher.dropped_stale,
+                            "overflow": self.batcher.dropped_overflow}, "actors": actors}
+
+    # -- train thread -------------------------------------------------------------------------
+    def publish(self):
+        self.publisher.publish(self.version, self.policy.get_weights(), meta={"session": self.session})
+        self._last_publish = time.time()
+
+    def checkpoint(self):
+        self.counters.dropped_segments = (self.batcher.dropped_stale + self.batcher.dropped_overflow
+                                          + self.batcher.dropped_invalid)
+        path = save_checkpoint(self.cfg.learner.checkpoint_dir, self.policy, self.optimizer, self.counters,
+                               keep=self.cfg.learner.keep_checkpoints)
+        log.info("checkpoint %s", path)
+
+    def train_once(self) -> bool:
+        with self.batch_lock:
+            batch = self.batcher.next_batch(self.version)
+            bstats = self.batcher.stats()
+        if batch is None:
+            return False
+        lcfg = self.cfg.learner
+        co_train = self.co_train and self.replay is not None and self.replay.size()["frames"] > 0
+        if self.co_train and not co_train and self.counters.updates == 0:
+            log.warning("co-training is on but the real replay is empty: PPO only until real data arrives")
+        step_cfg = OmegaConf.merge(lcfg, {"use_real_data_co_training": co_train}) if co_train != self.co_train else lcfg
+        t0 = time.time()
+        stats = train_step(self.policy, self.optimizer, batch, step_cfg, self.replay, self.rng)
+        T, B = batch["reward"].shape
+        self.counters.updates += 1
+        self.counters.sim_samples += T * B
+        self.counters.real_samples += int(stats.pop("train/real_samples", 0))
+        if self.counters.updates % lcfg.weight_sync_interval == 0:
+            self.counters.policy_version += 1
+            self.publish()
+        now = time.time()
+        t_prev, s_prev = self._samples_window
+        if now - t_prev > 2.0:
+            self.samples_per_s = (self.counters.sim_samples - s_prev) / (now - t_prev)
+            self._samples_window = (now, self.counters.sim_samples)
+        if "train/loss_ratio" in stats:
+            self.ratio_monitor.update(stats["train/loss_ratio"])
+        succ = batch["success"].sum().item()
+        ends = batch["done"].sum().item()
+        stats.update(bstats)
+        stats.update({"train/update_time_s": now - t0, "throughput/sim_samples_per_s": self.samples_per_s,
+                      "policy/version": self.version, "rollout/episodes_in_batch": ends,
+                      "rollout/success_rate_in_batch": succ / ends if ends else float("nan"),
+                      "rollout/mean_chunk_reward": batch["reward"].mean().item()})
+        stats.update({f"dropped/{k}": v for k, v in self.ingest.dropped_total().items()})
+        if self.replay is not None:
+            stats["replay/real_frames"] = self.replay.size()["frames"]
+        self.last_stats = stats
+        if self.counters.updates % lcfg.log_interval == 0:
+            self.metrics.log(stats, self.counters.updates)
+        if self.counters.updates % lcfg.checkpoint_interval == 0:
+            self.checkpoint()
+        return True
+
+    def run(self) -> int:
+        lcfg = self.cfg.learner
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop.set())
+        self.ingest.start()
+        self.publish()
+        log.info("learner up: session %s, version %d, device %s, data %s", self.session, self.version,
+                 self.device, self.cfg.transport.data_endpoint)
+        t_start = time.time()
+        progress = _progress(lcfg.total_updates, self.counters.updates)
+        try:
+            while not self.stop.is_set():
+                if self.republish.is_set() or time.time() - self._last_publish > lcfg.weights_republish_s:
+                    self.republish.clear()
+                    self.publish()
+                if not self.train_once():
+                    time.sleep(0.005)
+                    continue
+                progress.update(1)
+                progress.set_postfix(version=self.version, lag=f"{self.last_stats.get('policy_lag/mean', 0):.1f}",
+                                     ppo=f"{self.last_stats.get('train/ppo_loss', 0):.3f}")
+                if lcfg.total_updates and self.counters.updates >= lcfg.total_updates:
+                    break
+                if lcfg.max_duration_s and time.time() - t_start > lcfg.max_duration_s:
+                    break
+        finally:
+            progress.close()
+            self.ingest.stop.set()
+            self.ingest.join(timeout=10)
+            self.checkpoint()
+            self.write_summary(time.time() - t_start)
+            self.metrics.close()
+            self.publisher.close()
+        return 0
+
+    def write_summary(self, duration_s: float):
+        def last(env):
+            runs = [e for e in self.eval_history if e["env"] == env]
+            return runs[-1] if runs else None
+
+        summary = {"updates": self.counters.updates, "policy_version": self.version,
+                   "sim_samples": self.counters.sim_samples, "real_samples": self.counters.real_samples,
+                   "duration_s": round(duration_s, 1), "co_training": self.co_train,
+                   "eval_sim": last("sim"), "eval_real_proxy": last("real_proxy"),
+                   "eval_history": self.eval_history, "dropped": self.ingest.dropped_total(),
+                   "tensorboard": str(Path(self.cfg.learner.log_dir).resolve())}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        log.info("summary: %s", {k: v for k, v in summary.items() if k != "eval_history"})
+
+
+def _progress(total: int, initial: int):
+    from tqdm import tqdm
+    return tqdm(total=total or None, initial=initial, desc="learner updates", unit="upd", dynamic_ncols=True)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_with_config(lambda cfg: Learner(cfg).run(), argv=argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,263 @@
+"""Replay of real demonstrations for the SFT loss: LeRobot datasets on disk plus live episodes.
+
+Sources:
+  * any number of LeRobot (v3.0) datasets, each with a mixing ``weight`` and a ``key_map`` from
+    the dataset's feature names to ours (e.g. "observation.images.front" -> "observation.image");
+  * the live source: episodes the collector streams in (``add_episode``). Each one is appended to
+    a LeRobot dataset on the learner's disk and closed (``finalize``) before ``add_episode``
+    returns, so a restart keeps it; on start an existing live dataset is re-opened and loaded.
+
+Our keys: "observation.image" uint8 [H, W, 3], "observation.state" float32 [S],
+"action" float32 [7], and a task string per frame. All sources must share image size and state
+dimension (images are returned as stored; the policy resizes).
+
+Everything is held in memory as numpy arrays (decoded images included): sampling is pure
+indexing, with no decoding on the training path. That suits the small real datasets this
+system co-trains on (tens to a few hundred episodes); larger ones would want a lazy reader.
+Appending a live episode re-opens the LeRobot dataset (its "resume recording" path), writes one
+new parquet file and re-concatenates the in-memory arrays: O(dataset) per episode, fine at this
+scale. ``add_episode`` and ``sample`` are thread-safe, so the write can run off the train loop.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGE, STATE, ACTION = "observation.image", "observation.state", "action"
+OUR_KEYS = (IMAGE, STATE, ACTION)
+
+
+@dataclass
+class ReplaySource:
+    name: str
+    weight: float
+    image: np.ndarray  # uint8 [N, H, W, 3]
+    state: np.ndarray  # float32 [N, S]
+    action: np.ndarray  # float32 [N, A]
+    task_index: np.ndarray  # int64 [N]
+    episode_end: np.ndarray  # int64 [N]: exclusive end (within this source) of each frame's episode
+    tasks: list[str] = field(default_factory=list)
+    num_episodes: int = 0
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.action)
+
+    def append(self, image, state, action, task: str) -> None:
+        if task not in self.tasks:
+            self.tasks.append(task)
+        n, start = len(action), self.num_frames
+        self.image = np.concatenate([self.image, image])
+        self.state = np.concatenate([self.state, state])
+        self.action = np.concatenate([self.action, action])
+        self.task_index = np.concatenate([self.task_index, np.full(n, self.tasks.index(task), np.int64)])
+        self.episode_end = np.concatenate([self.episode_end, np.full(n, start + n, np.int64)])
+        self.num_episodes += 1
+
+
+def _empty_source(name: str, weight: float, image_hw=(0, 0), state_dim: int = 0, action_dim: int = 7) -> ReplaySource:
+    return ReplaySource(name, weight, np.zeros((0, *image_hw, 3), np.uint8), np.zeros((0, state_dim), np.float32),
+                        np.zeros((0, action_dim), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def _open_lerobot(repo_id: str, root: str | Path):
+    """Open a local LeRobot dataset; never reaches out to the Hub (a missing root is an error)."""
+    if not (Path(root) / "meta" / "info.json").exists():
+        raise FileNotFoundError(f"no LeRobot dataset at {root}")
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset  # heavy import, only when needed
+    return LeRobotDataset(repo_id, root=root)
+
+
+def _decode_video_column(ds, key: str, episode_index: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+    from lerobot.datasets.video_utils import decode_video_frames
+    frames = []
+    for ep in np.unique(episode_index):
+        ts = timestamps[episode_index == ep]
+        offset = ds.meta.episodes[int(ep)][f"videos/{key}/from_timestamp"]
+        video = decode_video_frames(ds.root / ds.meta.get_video_file_path(int(ep), key),
+                                    [offset + float(t) for t in ts], ds.tolerance_s, ds.video_backend)
+        frames.append((video.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())  # float CHW -> uint8 HWC
+    return np.concatenate(frames)
+
+
+def load_lerobot_source(name: str, repo_id: str, root: str | Path, weight: float = 1.0,
+                        key_map: Optional[Mapping[str, str]] = None) -> ReplaySource:
+    """Read a whole LeRobot dataset into memory under our keys. ``key_map``: dataset key -> our key
+    (our keys present in the dataset under their own name need no entry)."""
+    ds = _open_lerobot(repo_id, root)
+    ours_to_theirs = {k: k for k in OUR_KEYS if k in ds.features}
+    ours_to_theirs.update({ours: theirs for theirs, ours in (key_map or {}).items()})
+    missing = [k for k in OUR_KEYS if k not in ours_to_theirs or ours_to_theirs[k] not in ds.features]
+    if missing:
+        raise KeyError(f"{name}: no dataset feature for {missing}; features are {list(ds.features)}, key_map {dict(key_map or {})}")
+
+    image_key = ours_to_theirs[IMAGE]
+    is_video = ds.features[image_key]["dtype"] == "video"
+    columns = ["index", "episode_index", "task_index", "timestamp", ours_to_theirs[STATE], ours_to_theirs[ACTION]]
+    if not is_video:
+        columns.append(image_key)
+    table = ds.hf_dataset.with_format("numpy").select_columns(columns)[:]
+    order = np.argsort(table["index"], kind="stable")
+    table = {k: v[order] for k, v in table.items()}
+    episode_index = table["episode_index"].astype(np.int64)
+    image = (_decode_video_column(ds, image_key, episode_index, table["timestamp"]) if is_video
+             else table[image_key])
+    if image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8:  # e.g. stored channel-first
+        raise ValueError(f"{name}: expected uint8 HxWx3 images, got {image.dtype} {image.shape}")
+
+    # frames are contiguous per episode: each frame's episode ends where its episode's last frame is
+    _, first, counts = np.unique(episode_index, return_index=True, return_counts=True)
+    episode_end = np.repeat(first + counts, counts)
+    tasks = {int(row.task_index): str(task) for task, row in ds.meta.tasks.iterrows()}
+    task_ids = sorted(tasks)
+    remap = np.zeros(max(task_ids) + 1, np.int64)
+    remap[task_ids] = np.arange(len(task_ids))
+    return ReplaySource(name, float(weight), np.ascontiguousarray(image),
+                        table[ours_to_theirs[STATE]].astype(np.float32),
+                        table[ours_to_theirs[ACTION]].astype(np.float32),
+                        remap[table["task_index"].astype(np.int64)], episode_end.astype(np.int64),
+                        [tasks[i] for i in task_ids], len(counts))
+
+
+class RealReplay:
+    LIVE = "live"
+
+    def __init__(self, datasets: Sequence[Mapping] = (), live: Optional[Mapping] = None, seed: int = 0):
+        """``datasets``: [{repo_id, root, weight, key_map}]; ``live``: {repo_id, root, weight, fps} or None
+        (no live episodes accepted)."""
+        self.sources: list[ReplaySource] = [
+            load_lerobot_source(d.get("name") or d["repo_id"], d["repo_id"], d["root"], d.get("weight", 1.0),
+                                d.get("key_map")) for d in datasets]
+        self.live_cfg = dict(live) if live else None
+        self.live: Optional[ReplaySource] = None
+        if self.live_cfg:
+            root = Path(self.live_cfg["root"])
+            if (root / "meta" / "info.json").exists():
+                self.live = load_lerobot_source(self.LIVE, self.live_cfg["repo_id"], root, self.live_cfg.get("weight", 1.0))
+                log.info("re-opened live real dataset %s: %d episodes", root, self.live.num_episodes)
+            else:
+                self.live = _empty_source(self.LIVE, self.live_cfg.get("weight", 1.0))
+            self.sources.append(self.live)
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()  # in-memory arrays
+        self._write_lock = threading.Lock()  # the live dataset on disk
+        self._check_compatible()
+
+    @classmethod
+    def from_config(cls, cfg, seed: int = 0) -> "RealReplay":
+        """From the ``learner`` config: ``real_datasets`` list and ``live_dataset`` mapping."""
+        return cls(list(cfg.real_datasets or []), cfg.live_dataset if cfg.live_dataset.root else None, seed)
+
+    def _check_compatible(self) -> None:
+        shapes = {(s.image.shape[1:], s.state.shape[1:], s.action.shape[1:]) for s in self.sources if s.num_frames}
+        if len(shapes) > 1:
+            raise ValueError(f"real sources disagree on (image, state, action) shapes: {sorted(shapes)}")
+
+    # ---- live episodes -----------------------------------------------------------------------
+    def add_episode(self, frames: Mapping[str, np.ndarray], task: str) -> None:
+        """Persist one demonstration ({our key: [N, ...]}) to the live LeRobot dataset, then replay it."""
+        if self.live is None:
+            raise RuntimeError("no live_dataset configured: live episodes cannot be stored")
+        image = np.asarray(frames[IMAGE], np.uint8)
+        state = np.asarray(frames[STATE], np.float32)
+        action = np.asarray(frames[ACTION], np.float32)
+        n = len(action)
+        if n == 0 or len(image) != n or len(state) != n or image.ndim != 4 or image.shape[-1] != 3:
+            raise ValueError(f"bad episode: image {image.shape}, state {state.shape}, action {action.shape}")
+        for s in self.sources:
+            if s.num_frames and (s.image.shape[1:], s.state.shape[1:], s.action.shape[1:]) != (image.shape[1:], state.shape[1:], action.shape[1:]):
+                raise ValueError(f"episode shapes {image.shape[1:]}, {state.shape[1:]}, {action.shape[1:]} differ from "
+                                 f"source {s.name}'s {s.image.shape[1:]}, {s.state.shape[1:]}, {s.action.shape[1:]}")
+        with self._write_lock:
+            self._write_live_episode(image, state, action, task)
+        with self._lock:
+            if self.live.num_frames == 0:  # first episode fixes the shapes of the empty source
+                fresh = _empty_source(self.LIVE, self.live.weight, image.shape[1:3], state.shape[1], action.shape[1])
+                self.live.image, self.live.state, self.live.action = fresh.image, fresh.state, fresh.action
+            self.live.append(image, state, action, task)
+
+    def _write_live_episode(self, image, state, action, task: str) -> None:
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+        cfg, root = self.live_cfg, Path(self.live_cfg["root"])
+        if (root / "meta" / "info.json").exists():
+            ds = LeRobotDataset(cfg["repo_id"], root=root)  # resume: appends a new parquet file
+        else:
+            features = {
+                IMAGE: {"dtype": "image", "shape": image.shape[1:], "names": ["height", "width", "channel"]},
+                STATE: {"dtype": "float32", "shape": state.shape[1:], "names": None},
+                ACTION: {"dtype": "float32", "shape": action.shape[1:], "names": None},
+            }
+            ds = LeRobotDataset.create(cfg["repo_id"], int(cfg["fps"]), features, root=root, use_videos=False)
+        for i in range(len(action)):
+            ds.add_frame({IMAGE: image[i], STATE: state[i], ACTION: action[i], "task": task})
+        ds.save_episode()
+        ds.finalize()  # closes the parquet writers: the episode is complete on disk now
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def sample(self, batch_size: int, chunk_size: int, generator: Optional[np.random.Generator] = None) -> dict:
+        """Uniform frames within sources, sources mixed by weight. Returns image uint8 [B,H,W,3],
+        state float32 [B,S], actions float32 [B,chunk,A] (the sampled frame's action and the next
+        ones; past the episode end the last action repeats and ``action_pad`` [B,chunk] is True),
+        task list[str], source list[str]."""
+        rng = generator if generator is not None else self._rng
+        with self._lock:
+            sources = [s for s in self.sources if s.num_frames > 0 and s.weight > 0]
+            if not sources:
+                raise RuntimeError("real replay is empty")
+            weights = np.array([s.weight for s in sources], np.float64)
+            which = rng.choice(len(sources), size=batch_size, p=weights / weights.sum())
+            ref = sources[0]
+            out = {
+                "image": np.empty((batch_size, *ref.image.shape[1:]), np.uint8),
+                "state": np.empty((batch_size, *ref.state.shape[1:]), np.float32),
+                "actions": np.empty((batch_size, chunk_size, ref.action.shape[1]), np.float32),
+                "action_pad": np.empty((batch_size, chunk_size), bool),
+                "task": [""] * batch_size,
+                "source": [""] * batch_size,
+            }
+            steps = np.arange(chunk_size)
+            for k, src in enumerate(sources):
+                rows = np.flatnonzero(which == k)
+                if rows.size == 0:
+                    continue
+                frame = rng.integers(0, src.num_frames, size=rows.size)
+                end = src.episode_end[frame][:, None]
+                future = frame[:, None] + steps
+                out["image"][rows] = src.image[frame]
+                out["state"][rows] = src.state[frame]
+                out["actions"][rows] = src.action[np.minimum(future, end - 1)]
+                out["action_pad"][rows] = future >= end
+                for row, t in zip(rows, src.task_index[frame]):
+                    out["task"][row] = src.tasks[t]
+                    out["source"][row] = src.name
+        return out
+
+    # ---- status ------------------------------------------------------------------------------
+    def size(self) -> dict:
+        with self._lock:
+            per_source = {s.name: {"frames": s.num_frames, "episodes": s.num_episodes} for s in self.sources}
+        return {"frames": sum(v["frames"] for v in per_source.values()),
+                "episodes": sum(v["episodes"] for v in per_source.values()), "sources": per_source}
+
+    def dataset_stats(self) -> dict:
+        """Pooled mean/std/min/max of action and state over every frame held, in LeRobot's
+        ``meta.stats`` layout ({"action": {...}, "observation.state": {...}}) for the policy normaliser."""
+        with self._lock:
+            held = [s for s in self.sources if s.num_frames]
+            if not held:
+                return {}
+            stats = {}
+            for key, attr in ((ACTION, "action"), (STATE, "state")):
+                x = np.concatenate([getattr(s, attr) for s in held]).astype(np.float64)
+                if x.shape[1] == 0:
+                    continue
+                stats[key] = {"mean": x.mean(0), "std": x.std(0), "min": x.min(0), "max": x.max(0),
+                              "count": np.array([len(x)])}
+        return stats

@@ -1,0 +1,181 @@
+"""The ManiSkill3 twin: gymnasium API, spaces, success detection, seeding, real-proxy shift,
+the scripted expert and the LeRobot dataset round trip. Small images and few steps (CPU)."""
+import os
+import re
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("mani_skill")
+
+from common.config import load_config  # noqa: E402
+from common.twin import ACTION_KEY, IMAGE_KEY, STATE_KEY, ScriptedExpert, make_env, write_demos  # noqa: E402
+
+# ManiSkill's CPU path calls np.isnan on torch tensors each step
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+IMG = 64
+INSTRUCTION = re.compile(r"^put the (\w+) (\w+) into the bowl$")
+
+
+def env_cfg(*overrides, env="twin"):
+    return load_config("config", [f"env={env}", f"env.camera.width={IMG}", f"env.camera.height={IMG}",
+                                  *overrides]).env
+
+
+@pytest.fixture(scope="module")
+def rgb_env():
+    env = make_env(env_cfg(), obs_mode="rgb")
+    yield env
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def state_env():
+    env = make_env(env_cfg(), obs_mode="state")
+    yield env
+    env.close()
+
+
+def test_gymnasium_env_checker(rgb_env):
+    from gymnasium.utils.env_checker import check_env
+
+    check_env(rgb_env, skip_render_check=True)
+
+
+def test_spaces_and_shapes(rgb_env):
+    assert rgb_env.observation_space["image"].shape == (IMG, IMG, 3)
+    assert rgb_env.action_space.shape == (7,)
+    cfg = rgb_env.cfg["action"]
+    np.testing.assert_allclose(rgb_env.action_space.high, [cfg["max_delta_pos"]] * 3 + [cfg["max_delta_rot"]] * 3 + [1])
+    obs, info = rgb_env.reset(seed=3)
+    assert obs["image"].dtype == np.uint8 and obs["image"].shape == (IMG, IMG, 3)
+    assert obs["state"].dtype == np.float32 and obs["state"].shape == (8,)
+    assert obs["image"].std() > 5, "blank render"
+    np.testing.assert_allclose(np.linalg.norm(obs["state"][3:7]), 1.0, atol=1e-4)  # tcp quaternion
+    assert 0.07 < obs["state"][7] < 0.09  # gripper starts open (2 x 0.04 m)
+    assert INSTRUCTION.match(info["instruction"]) and rgb_env.instruction == info["instruction"]
+    obs, reward, terminated, truncated, info = rgb_env.step(rgb_env.action_space.sample())
+    assert isinstance(reward, float) and not terminated and not truncated
+    assert set(info) >= {"success", "is_grasped", "instruction"} and info["success"] is False
+
+
+def test_same_seed_same_episode(rgb_env):
+    a, info_a = rgb_env.reset(seed=11)
+    for _ in range(3):
+        rgb_env.step(rgb_env.action_space.sample())
+    b, info_b = rgb_env.reset(seed=11)
+    assert info_a["instruction"] == info_b["instruction"]
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["state"], b["state"])
+    layouts = set()
+    for seed in range(6):
+        rgb_env.reset(seed=seed)
+        layouts.add((rgb_env.instruction, tuple(rgb_env.task.obj_pose.p[0].numpy().round(3))))
+    assert len(layouts) == 6, "seeds should give different episodes"
+
+
+def test_instructions_name_the_object(state_env):
+    shapes = state_env.cfg["object"]["shapes"]
+    for seed in range(8):
+        _, info = state_env.reset(seed=seed)
+        color, noun = INSTRUCTION.match(info["instruction"]).groups()
+        task = state_env.task
+        assert noun == shapes[task.active_shape[0]]
+        assert color == task.color_names[int(task.color_idx[0])]
+        rgb = task.object_materials[int(task.shape_idx[0])][0].base_color[:3]
+        np.testing.assert_allclose(rgb, state_env.cfg["object"]["colors"][color], atol=1e-6)
+
+
+@pytest.mark.parametrize("where, expected", [("inside", True), ("beside", False)])
+def test_success_detection(state_env, where, expected):
+    state_env.reset(seed=5)
+    task = state_env.task
+    bowl = task.bowl.pose.p[0].numpy()
+    z = bowl[2] + task.bowl_base + task.obj_half + 0.005
+    offset = np.zeros(3) if where == "inside" else np.array([0.0, task.bowl_inner_radius + 0.06, 0.0])
+    task.set_object_pose(np.concatenate([bowl + offset + [0, 0, z - bowl[2]], [1, 0, 0, 0]]).astype(np.float32))
+    hold = np.zeros(7, np.float32)
+    hold[6] = 1.0
+    for _ in range(5):
+        _, reward, terminated, _, info = state_env.step(hold)
+        if terminated:
+            break
+    assert info["success"] is expected
+    assert terminated is expected
+    assert (reward >= state_env.cfg["reward"]["success"]) is expected
+
+
+def test_real_proxy_applies_the_documented_shift():
+    twin = make_env(env_cfg("env.randomization.enabled=false"), obs_mode="state")
+    proxy = make_env(env_cfg(env="real_proxy"), obs_mode="state")
+    try:
+        shift = proxy.cfg["real_proxy_shift"]
+        assert proxy.task.is_real_proxy and not twin.task.is_real_proxy
+        up = np.array([0, 0, 0.03, 0, 0, 0, 1], np.float32)
+        rise = {}
+        for name, env in (("twin", twin), ("proxy", proxy)):
+            obs, _ = env.reset(seed=2)
+            z0 = obs["state"][2]
+            obs, *_ = env.step(up)
+            rise[name] = obs["state"][2] - z0
+        # one step of latency in the proxy: its first command is still the reset's hold action
+        assert rise["twin"] > 0.01 and abs(rise["proxy"]) < 0.003, rise
+        body = proxy.task.objects[int(proxy.task.shape_idx[0])]._bodies[0]
+        assert body.mass == pytest.approx(proxy.cfg["object"]["mass"] * shift["mass_scale"], rel=1e-3)
+        assert body.collision_shapes[0].physical_material.static_friction == pytest.approx(shift["friction"])
+    finally:
+        twin.close()
+        proxy.close()
+
+
+def test_real_proxy_looks_different(rgb_env):
+    proxy = make_env(env_cfg(env="real_proxy"), obs_mode="rgb")
+    try:
+        twin_img = rgb_env.reset(seed=4)[0]["image"].astype(float)
+        proxy_img = proxy.reset(seed=4)[0]["image"].astype(float)
+        assert np.abs(twin_img - proxy_img).mean() > 10
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("env", ["twin", "real_proxy"])
+def test_expert_succeeds(env):
+    sim = make_env(env_cfg(env=env), obs_mode="state")
+    expert = ScriptedExpert(sim)
+    try:
+        for seed in range(3):
+            obs, _ = sim.reset(seed=seed)
+            expert.reset()
+            done = False
+            while not done:
+                obs, _, terminated, truncated, info = sim.step(expert.act(obs))
+                done = terminated or truncated
+            assert info["success"], f"{env} seed {seed}: {sim.instruction}"
+    finally:
+        sim.close()
+
+
+def test_dataset_round_trip(tmp_path):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    steps = 6
+    cfg = env_cfg(f"env.max_episode_steps={steps}")
+    root = write_demos(cfg, tmp_path / "demos", "tandem/test_demos", 2, seed=0, keep_failed=True, progress=False)
+    ds = LeRobotDataset("tandem/test_demos", root=root)
+    assert ds.num_episodes == 2 and len(ds) == 2 * steps and ds.fps == cfg.control_freq
+    instructions = []
+    for seed in range(2):
+        with make_env(cfg, obs_mode="state") as env:
+            instructions.append(env.reset(seed=seed)[1]["instruction"])
+    for i, frame in enumerate([ds[0], ds[steps]]):
+        assert frame[IMAGE_KEY].shape == (3, IMG, IMG)
+        assert frame[STATE_KEY].shape == (8,) and str(frame[STATE_KEY].dtype) == "torch.float32"
+        assert frame[ACTION_KEY].shape == (7,) and str(frame[ACTION_KEY].dtype) == "torch.float32"
+        assert frame["task"] == instructions[i]
+        assert int(frame["episode_index"]) == i
+    # the stored image is the observation the policy saw
+    with make_env(cfg, obs_mode="rgb") as env:
+        obs, _ = env.reset(seed=0)
+    np.testing.assert_allclose(ds[0][IMAGE_KEY].permute(1, 2, 0).numpy() * 255, obs["image"], atol=1)
