@@ -127,7 +127,7 @@ class Actor:
         """Write one segment into the ring (or a fresh buffer) via ``fill`` and notify the learner."""
         if self.ring is not None:
             slot = self.ring.acquire()
-            if slot is None:  # ring full and full_policy == drop
+            if slot is None:  # every slot stayed busy (drop, or wait past its timeout): counted in ring.drops
                 return
             fill(slot)
             notice = self.ring.commit(slot, version)

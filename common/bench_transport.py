@@ -14,6 +14,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -101,9 +102,8 @@ def bench_ring(s: Settings) -> tuple[float, int]:
     nbytes = RING_SEGMENT.nbytes()
     out = {k: np.empty(shape, dtype) for k, (dtype, shape) in spec.items()}
     warmup = 2 * s.ring_slots
-    endpoint = f"ipc://{tempfile.gettempdir()}/tandem_bench_{uuid.uuid4().hex[:8]}"
     ctx = mp.get_context("spawn")
-    with DataReceiver(endpoint) as rx:
+    with DataReceiver(_ipc_endpoint()) as rx:
         proc = ctx.Process(target=_ring_writer,
                            args=("tandem_bench_", rx.endpoint, warmup + s.ring_segments, s.ring_slots))
         proc.start()
@@ -161,10 +161,18 @@ def _recv(conn, proc, timeout_s: float = 120.0):
     return conn.recv()
 
 
+_ipc_dir: str | None = None  # made on first use (in the parent process only), removed by main()
+
+
+def _ipc_endpoint() -> str:
+    global _ipc_dir
+    if _ipc_dir is None:
+        _ipc_dir = tempfile.mkdtemp(prefix="tandem_bench_")
+    return f"ipc://{_ipc_dir}/{uuid.uuid4().hex[:8]}"
+
+
 def _endpoint(transport: str) -> str:
-    if transport == "ipc":
-        return f"ipc://{tempfile.gettempdir()}/tandem_bench_{uuid.uuid4().hex[:8]}"
-    return "tcp://127.0.0.1:*"
+    return _ipc_endpoint() if transport == "ipc" else "tcp://127.0.0.1:*"
 
 
 def bench_zmq(transport: str, mode: str, size: int, count: int, warmup: int) -> float:
@@ -294,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs (about 20 s)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
-    results = run(args.quick)
+    try:
+        results = run(args.quick)
+    finally:
+        if _ipc_dir is not None:
+            shutil.rmtree(_ipc_dir, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -24,7 +24,8 @@ import msgpack
 import numpy as np
 import zmq
 
-from common.protocol import DropCounter, Limits, Message, ProtocolError, _get, _wire_array, decode, encode
+from common.protocol import (DropCounter, Limits, Message, ProtocolError, as_wire_array, cfg_get,
+                             decode, encode)
 
 # Defaults of configs/transport/default.yaml, for callers that build a channel without a config.
 DEFAULT_HWM = {"data_send": 8, "data_recv": 64, "weights_send": 2, "weights_recv": 4, "control": 1000}
@@ -34,7 +35,7 @@ DEFAULT_REQUEST_TIMEOUT_MS = 2000
 
 def transport_config(cfg: Any) -> Any:
     """The ``transport`` group of a root config, or ``cfg`` itself when it already is that group."""
-    sub = _get(cfg, "transport")
+    sub = cfg_get(cfg, "transport")
     return cfg if sub is None else sub
 
 
@@ -52,16 +53,16 @@ class SocketOptions:
     def from_config(cls, cfg: Any) -> "SocketOptions":
         t, d = transport_config(cfg), cls()
         return cls(
-            linger_ms=int(_get(t, "linger_ms", d.linger_ms)),
-            reconnect_ivl_ms=int(_get(t, "reconnect_ivl_ms", d.reconnect_ivl_ms)),
-            reconnect_ivl_max_ms=int(_get(t, "reconnect_ivl_max_ms", d.reconnect_ivl_max_ms)),
-            heartbeat_ivl_ms=int(_get(t, "zmq_heartbeat_ivl_ms", d.heartbeat_ivl_ms)),
-            heartbeat_timeout_ms=int(_get(t, "zmq_heartbeat_timeout_ms", d.heartbeat_timeout_ms)),
+            linger_ms=int(cfg_get(t, "linger_ms", d.linger_ms)),
+            reconnect_ivl_ms=int(cfg_get(t, "reconnect_ivl_ms", d.reconnect_ivl_ms)),
+            reconnect_ivl_max_ms=int(cfg_get(t, "reconnect_ivl_max_ms", d.reconnect_ivl_max_ms)),
+            heartbeat_ivl_ms=int(cfg_get(t, "zmq_heartbeat_ivl_ms", d.heartbeat_ivl_ms)),
+            heartbeat_timeout_ms=int(cfg_get(t, "zmq_heartbeat_timeout_ms", d.heartbeat_timeout_ms)),
         )
 
 
 def _hwm(cfg: Any, key: str) -> int:
-    return int(_get(_get(transport_config(cfg), "hwm"), key, DEFAULT_HWM[key]))
+    return int(cfg_get(cfg_get(transport_config(cfg), "hwm"), key, DEFAULT_HWM[key]))
 
 
 def as_bind_endpoint(endpoint: str, bind_host: str | None = None) -> str:
@@ -164,7 +165,7 @@ class DataSender(_Channel):
     def from_config(cls, cfg: Any, **kw) -> "DataSender":
         t = transport_config(cfg)
         return cls(t.data_endpoint, hwm=_hwm(t, "data_send"),
-                   send_timeout_ms=int(_get(t, "send_timeout_ms", DEFAULT_SEND_TIMEOUT_MS)),
+                   send_timeout_ms=int(cfg_get(t, "send_timeout_ms", DEFAULT_SEND_TIMEOUT_MS)),
                    options=SocketOptions.from_config(t), **kw)
 
     def send(self, msg: Message, timeout_ms: int | None = None) -> bool:
@@ -205,7 +206,7 @@ class DataReceiver(_Channel):
     def from_config(cls, cfg: Any, **kw) -> "DataReceiver":
         t = transport_config(cfg)
         return cls(t.data_endpoint, Limits.from_config(t), hwm=_hwm(t, "data_recv"),
-                   bind_host=_get(t, "bind_host"), options=SocketOptions.from_config(t), **kw)
+                   bind_host=cfg_get(t, "bind_host"), options=SocketOptions.from_config(t), **kw)
 
     def recv(self, timeout_ms: int = 0) -> Message | None:
         """The next valid message, or None when none arrived within ``timeout_ms``."""
@@ -230,7 +231,7 @@ class DataReceiver(_Channel):
 def weights_digest(version: int, arrays: dict[str, np.ndarray]) -> str:
     """blake2b over the version, every array's name, dtype and shape, and every array's bytes."""
     h = hashlib.blake2b(digest_size=32)
-    wire = {name: _wire_array(name, a) for name, a in arrays.items()}
+    wire = {name: as_wire_array(name, a) for name, a in arrays.items()}
     h.update(msgpack.packb([int(version), [[n, a.dtype.str, list(a.shape)] for n, a in wire.items()]]))
     for a in wire.values():
         h.update(a.reshape(-1).view(np.uint8))  # hashlib releases the GIL on large buffers
@@ -258,12 +259,12 @@ class WeightPublisher(_Channel):
     @classmethod
     def from_config(cls, cfg: Any, **kw) -> "WeightPublisher":
         t = transport_config(cfg)
-        return cls(t.weights_endpoint, hwm=_hwm(t, "weights_send"), bind_host=_get(t, "bind_host"),
+        return cls(t.weights_endpoint, hwm=_hwm(t, "weights_send"), bind_host=cfg_get(t, "bind_host"),
                    options=SocketOptions.from_config(t), **kw)
 
     def publish(self, version: int, arrays: dict[str, np.ndarray], meta: dict | None = None) -> str:
         """Broadcast one version (arrays must not change until sent); returns its digest."""
-        wire = {name: _wire_array(name, a) for name, a in arrays.items()}
+        wire = {name: as_wire_array(name, a) for name, a in arrays.items()}
         digest = weights_digest(version, wire)
         meta = {**(meta or {}), "digest": digest, "publisher_id": self.publisher_id}
         msg = Message("weights", sender=self.sender, policy_version=int(version), meta=meta, arrays=wire)
@@ -363,7 +364,7 @@ class ControlServer(_Channel):
     def from_config(cls, cfg: Any, **kw) -> "ControlServer":
         t = transport_config(cfg)
         return cls(t.control_endpoint, Limits.from_config(t), hwm=_hwm(t, "control"),
-                   bind_host=_get(t, "bind_host"), options=SocketOptions.from_config(t), **kw)
+                   bind_host=cfg_get(t, "bind_host"), options=SocketOptions.from_config(t), **kw)
 
     def poll(self, timeout_ms: int = 0) -> tuple[bytes, Message] | None:
         """(peer routing identity, message) of the next valid message, or None on timeout."""
@@ -414,7 +415,7 @@ class ControlClient(_Channel):
     def from_config(cls, cfg: Any, identity: str, **kw) -> "ControlClient":
         t = transport_config(cfg)
         return cls(t.control_endpoint, identity, Limits.from_config(t), hwm=_hwm(t, "control"),
-                   request_timeout_ms=int(_get(t, "request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_MS)),
+                   request_timeout_ms=int(cfg_get(t, "request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_MS)),
                    options=SocketOptions.from_config(t), **kw)
 
     def _new_socket(self) -> zmq.Socket:

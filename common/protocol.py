@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import msgpack
 import numpy as np
+import zmq
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ ALLOWED_DTYPES: dict[str, np.dtype] = {
 }
 
 HEADER_FIELDS = ("version", "kind", "sender", "policy_version", "meta", "arrays")
+_HEADER_FIELD_SET = frozenset(HEADER_FIELDS)
 MAX_NAME_LEN = 128
 # Seconds between two warnings of one drop reason; the counts between them are summarised.
 DROP_LOG_INTERVAL_S = 10.0
@@ -96,15 +98,16 @@ class Limits:
         """From ``cfg.transport.<section>``, ``cfg.<section>`` or a mapping of the fields
         (missing fields: defaults). The weights channel uses ``section="weights_limits"``."""
         for key in ("transport", section):
-            sub = _get(cfg, key)
+            sub = cfg_get(cfg, key)
             if sub is not None:
                 cfg = sub
         defaults = cls()
-        return cls(**{name: int(_get(cfg, name, getattr(defaults, name)))
+        return cls(**{name: int(cfg_get(cfg, name, getattr(defaults, name)))
                       for name in cls.__dataclass_fields__})
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg[key]`` of a dict, an OmegaConf DictConfig or an object; ``default`` when missing."""
     if cfg is None:
         return default
     if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
@@ -119,7 +122,7 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 # encode
 
 
-def _wire_array(name: str, a: np.ndarray) -> np.ndarray:
+def as_wire_array(name: str, a: np.ndarray) -> np.ndarray:
     """The array as it goes on the wire: little-endian, C-contiguous (copies only when it is not)."""
     if isinstance(a, np.generic):
         a = np.asarray(a)
@@ -142,7 +145,7 @@ def encode(msg: Message) -> list:
     descr, buffers = [], []
     for name, a in msg.arrays.items():
         _check_name(name)
-        a = _wire_array(name, a)
+        a = as_wire_array(name, a)
         descr.append([name, a.dtype.str, list(a.shape)])
         # A flat uint8 view exposes the bytes under one buffer format, whatever the dtype.
         buffers.append(a.reshape(-1).view(np.uint8))
@@ -163,9 +166,10 @@ def encode(msg: Message) -> list:
 
 def _as_buffer(frame: Any) -> memoryview:
     """A flat byte view of a zmq.Frame, bytes, bytearray, memoryview or numpy array."""
-    buf = getattr(frame, "buffer", None)  # zmq.Frame
-    mv = memoryview(frame if buf is None else buf)
-    if mv.ndim != 1 or mv.itemsize != 1:
+    if type(frame) is zmq.Frame:
+        return frame.buffer  # already a flat unsigned-byte view
+    mv = memoryview(frame)
+    if mv.ndim != 1 or mv.format != "B":
         mv = mv.cast("B")
     return mv
 
@@ -183,9 +187,9 @@ def _is_int(x: Any) -> bool:
 def _check_header(h: Any, limits: Limits) -> None:
     if not isinstance(h, dict):
         raise ProtocolError("bad_header", f"header is a msgpack {type(h).__name__}, not a map")
-    keys = set(h)
-    if keys != set(HEADER_FIELDS):
-        missing, extra = set(HEADER_FIELDS) - keys, keys - set(HEADER_FIELDS)
+    if h.keys() != _HEADER_FIELD_SET:
+        keys = set(h)
+        missing, extra = _HEADER_FIELD_SET - keys, keys - _HEADER_FIELD_SET
         raise ProtocolError("bad_header", f"header fields: missing {sorted(missing)}, "
                                           f"unexpected {sorted(map(str, extra))}")
     if not _is_int(h["version"]):

@@ -11,17 +11,22 @@ state, a sequence number, the writer's pid and the policy version of the segment
     writer: FREE -> WRITING (acquire) -> fill arrays in place -> READY (commit) -> notice
     reader: READY -> READING (read, seq must match the notice) -> copy out -> FREE (release)
 
-Exactly one writer process and one reader process use a ring, and each state moves forward
-from one side only (the writer owns FREE->WRITING->READY, the reader READY->READING->FREE), so
-single-byte stores are enough: no lock, no compare-and-swap. Ordering: commit stores the state
-byte after the array copies have returned. On x86-64 (TSO) stores become visible to the other
-process in program order, and CPython does not reorder across those calls, so a reader that
-sees READY sees the whole segment. (A weakly ordered CPU such as aarch64 would need a store
-fence that Python does not expose.)
+Exactly one writer process and one reader process use a ring at a time, and each transition
+is made by one side only (the writer FREE->WRITING->READY, the reader READY->READING->FREE),
+so single-byte stores are enough: no lock, no compare-and-swap. Ordering: commit stores the
+state byte after the array copies have returned. On x86-64 (TSO) stores become visible to the
+other process in program order, and CPython does not reorder across those calls, so a reader
+that sees READY sees the whole segment. (A weakly ordered CPU such as aarch64 would need a
+store fence that Python does not expose.)
 
-A slot left WRITING by a writer that died mid-write is never READY, so it is never read. The
-writer unlinks its segment on close, at exit and on SIGTERM; after a SIGKILL, the reader side
-calls ``reap_dead_rings`` (or checks ``owner_alive``) to unlink rings whose writer is gone.
+Restarts. A slot left WRITING by a writer that died mid-write is never READY, so it is never
+read. The writer unlinks its segment on close, at exit and on SIGTERM; after a SIGKILL the
+learner calls ``reap_dead_rings`` (or checks ``owner_alive``) to unlink rings whose writer is
+gone. When the learner restarts, the notices of READY slots may be lost: the writer either
+re-sends ``ready_notices()`` or frees them with ``reclaim_unread()`` (the one writer-side
+READY->FREE store; should it race with a reader taking that slot, the reader's ``release``
+returns False and ``take`` discards the copy). A new reader's ``attach`` frees the slots that
+a dead reader left READING.
 
 Python < 3.13 registers even an *attach* with the resource tracker, which then unlinks the
 segment when the attaching process exits; rings are therefore opened untracked, and cleanup is
@@ -36,7 +41,6 @@ import mmap
 import os
 import secrets
 import signal
-import sys
 import threading
 import time
 import weakref
@@ -48,7 +52,7 @@ from typing import Any, Mapping
 import msgpack
 import numpy as np
 
-from common.protocol import DropCounter, Message
+from common.protocol import DropCounter, Message, cfg_get
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,10 @@ STATE_NAMES = {FREE: "FREE", WRITING: "WRITING", READY: "READY", READING: "READI
 MAGIC = b"TANDRING"
 LAYOUT_VERSION = 1
 ALIGN = 64  # cache line: arrays never share a line with another array's tail
+# Defaults of configs/transport/default.yaml (ring:).
+DEFAULT_NUM_SLOTS = 8
+DEFAULT_WAIT_TIMEOUT_S = 5.0
+DEFAULT_POLL_INTERVAL_S = 0.0005
 
 RING_HEADER = np.dtype([
     ("magic", "S8"), ("layout_version", "<u4"), ("num_slots", "<u4"), ("slot_bytes", "<u8"),
@@ -218,9 +226,6 @@ class _Ring:
             for i in range(num_slots)
         ]
 
-    def state(self, index: int) -> int:
-        return int(self.slots["state"][index])
-
     def states(self) -> list[str]:
         return [STATE_NAMES.get(int(s), str(s)) for s in self.slots["state"]]
 
@@ -271,8 +276,9 @@ class ShmRingWriter:
     ``wait_timeout_s`` for the learner to free one (then drop), or "drop" at once.
     """
 
-    def __init__(self, name: str | None, spec: ArraySpec, num_slots: int, full_policy: str = "wait",
-                 wait_timeout_s: float = 5.0, poll_interval_s: float = 0.0005,
+    def __init__(self, name: str | None, spec: ArraySpec, num_slots: int = DEFAULT_NUM_SLOTS,
+                 full_policy: str = "wait", wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+                 poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
                  prefix: str = RING_PREFIX):
         if full_policy not in ("wait", "drop"):
             raise ValueError(f"full_policy must be 'wait' or 'drop', not {full_policy!r}")
@@ -314,14 +320,13 @@ class ShmRingWriter:
 
     @classmethod
     def from_config(cls, cfg: Any, spec: ArraySpec, name: str | None = None) -> "ShmRingWriter":
-        from common.protocol import _get
-        t = _get(cfg, "transport", cfg)
-        r = _get(t, "ring", {})
-        return cls(name, spec, num_slots=int(_get(r, "num_slots", 8)),
-                   full_policy=str(_get(r, "full_policy", "wait")),
-                   wait_timeout_s=float(_get(r, "wait_timeout_s", 5.0)),
-                   poll_interval_s=float(_get(r, "poll_interval_s", 0.0005)),
-                   prefix=str(_get(r, "name_prefix", RING_PREFIX)))
+        t = cfg_get(cfg, "transport", cfg)
+        r = cfg_get(t, "ring", {})
+        return cls(name, spec, num_slots=int(cfg_get(r, "num_slots", DEFAULT_NUM_SLOTS)),
+                   full_policy=str(cfg_get(r, "full_policy", "wait")),
+                   wait_timeout_s=float(cfg_get(r, "wait_timeout_s", DEFAULT_WAIT_TIMEOUT_S)),
+                   poll_interval_s=float(cfg_get(r, "poll_interval_s", DEFAULT_POLL_INTERVAL_S)),
+                   prefix=str(cfg_get(r, "name_prefix", RING_PREFIX)))
 
     @property
     def num_slots(self) -> int:
@@ -592,19 +597,23 @@ def list_rings(prefix: str = RING_PREFIX) -> list[str]:
 
 
 def _writer_of(name: str, prefix: str) -> tuple[int, float]:
-    """(pid, start time) of a ring's writer: from its header, else from its name."""
+    """(pid, start time) of a ring's writer from its header, else from its name; pid -1 if
+    neither tells (not a Tandem ring)."""
     try:
         shm = _open_shm(name)
     except FileNotFoundError:
         return -1, 0.0
-    try:
-        if shm.size >= RING_HEADER.itemsize:
-            h = np.ndarray((), RING_HEADER, buffer=shm.buf).copy()
-            if bytes(h["magic"]) == MAGIC:
-                return int(h["writer_pid"]), float(h["writer_start_time"])
-    finally:
-        _close_shm(shm)
-    try:  # a ring whose writer died while creating it: "<prefix><pid>_<token>"
+    except (OSError, ValueError):  # an empty segment (its writer died creating it) cannot be mapped
+        shm = None
+    if shm is not None:
+        try:
+            if shm.size >= RING_HEADER.itemsize:
+                h = np.ndarray((), RING_HEADER, buffer=shm.buf).copy()
+                if bytes(h["magic"]) == MAGIC:
+                    return int(h["writer_pid"]), float(h["writer_start_time"])
+        finally:
+            _close_shm(shm)
+    try:  # "<prefix><pid>_<token>"
         return int(name[len(prefix):].split("_", 1)[0]), 0.0
     except ValueError:
         return -1, 0.0
@@ -615,20 +624,12 @@ def reap_dead_rings(prefix: str = RING_PREFIX) -> list[str]:
     reaped = []
     for name in list_rings(prefix):
         pid, start_time = _writer_of(name, prefix)
-        if pid == -1 and not name[len(prefix):].split("_", 1)[0].isdigit():
-            continue  # not named like a Tandem ring: leave it alone
-        if pid_alive(pid, start_time):
+        if pid == -1 or pid_alive(pid, start_time):
             continue
         try:
-            shm = _open_shm(name)
+            os.unlink(os.path.join(SHM_DIR, name))  # what shm_unlink does on Linux
         except FileNotFoundError:
             continue
-        _unlink_shm(shm)
-        _close_shm(shm)
         reaped.append(name)
         log.info("unlinked ring %s of dead writer pid %d", name, pid)
     return reaped
-
-
-if sys.platform != "linux":  # pragma: no cover
-    log.debug("reap_dead_rings lists %s, which exists on Linux only", SHM_DIR)

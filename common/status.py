@@ -12,10 +12,9 @@ from common.protocol import Message
 
 
 def status(cfg: DictConfig) -> int:
-    client = ControlClient(cfg.transport.control_endpoint, identity="tandem-status")
+    client = ControlClient.from_config(cfg.transport, identity="tandem-status")
     try:
-        reply = client.request(Message(kind="status_request", sender="tandem-status"),
-                               timeout_ms=cfg.transport.control_timeout_ms)
+        reply = client.request(Message(kind="status_request", sender="tandem-status"))
     finally:
         client.close()
     if reply is None:

@@ -29,7 +29,7 @@ from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, EpisodeFormatE
 from common.policy import load_policy, make_policy
 from common.protocol import Message
 from common.segment import SegmentSpec
-from common.shm_ring import ShmRingReader
+from common.shm_ring import ShmRingReader, reap_dead_rings
 from learner.batcher import Batcher
 from learner.checkpoint import LearnerCounters, load_latest_checkpoint, save_checkpoint
 from learner.cotrain import make_optimizer, train_step
@@ -61,6 +61,7 @@ class Ingest(threading.Thread):
         self.stop = threading.Event()
         self.peer_timeout_s = float(cfg.peer_timeout_s)
         self._last_reap = time.time()
+        self.ring_prefix = str(cfg.ring.name_prefix)
 
     # -- data ---------------------------------------------------------------------------------
     def on_segment(self, msg: Message):
@@ -79,14 +80,10 @@ class Ingest(threading.Thread):
                 log.warning("dropping notice for ring %r from %s: %s", name, msg.sender, e)
                 return
             self.rings[name] = reader
-        views = reader.read(meta)
-        if views is None:  # not READY with this seq: a writer that died mid-write, or a stale notice
+        segment = reader.take(meta)  # the one copy out of shared memory; then the slot is free
+        if segment is None:  # not READY with this seq (writer died mid-write, stale notice) or torn
             self.dropped["slot_not_ready"] += 1
             return
-        try:
-            segment = {k: np.array(v) for k, v in views.items()}  # the one copy out of shared memory
-        finally:
-            reader.release(meta)
         self.L.add_segment(segment, msg.policy_version)
 
     def on_episode(self, msg: Message):
@@ -128,6 +125,7 @@ class Ingest(threading.Thread):
             reader = self.rings.pop(name)
             reader.unlink()
             reader.close()
+        reap_dead_rings(self.ring_prefix)  # also rings of writers that died before any notice
 
     def run(self):
         handlers = {"segment": self.on_segment, "segment_notice": self.on_notice, "episode": self.on_episode}

@@ -194,6 +194,18 @@ def test_full_dev_shm_is_a_clear_error_not_sigbus(prefix, monkeypatch):
     assert list_rings(prefix) == []  # nothing left behind
 
 
+def test_reap_handles_half_created_and_foreign_segments(prefix):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    half = f"{prefix}{dead}_0000"  # its writer died between shm_open and ftruncate
+    foreign = f"{prefix}notaring"
+    for name in (half, foreign):
+        open(os.path.join(SHM_DIR, name), "wb").close()
+    with ShmRingWriter(None, SPEC, num_slots=1, prefix=prefix) as alive:
+        assert reap_dead_rings(prefix) == [half]
+        assert sorted(list_rings(prefix)) == sorted([alive.name, foreign])
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         ShmRingWriter(None, SPEC, num_slots=2, full_policy="block")

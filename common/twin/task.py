@@ -408,8 +408,9 @@ class TandemPickPlaceEnv(BaseEnv):
         return self.agent.robot.get_qpos()[:, -2:].sum(dim=1)
 
     def proprio(self) -> torch.Tensor:
-        """[N, 8]: tcp position (3), tcp quaternion wxyz (4), gripper opening (1)."""
-        tcp = self.agent.tcp_pose
+        """[N, 8]: tcp position (3), tcp quaternion wxyz (4), gripper opening (1), in the robot
+        base frame, as franky reports the real arm's end-effector pose."""
+        tcp = self.agent.robot.pose.inv() * self.agent.tcp_pose
         return torch.cat([tcp.p, tcp.q, self.gripper_opening()[:, None]], dim=1).float()
 
     def is_grasping_object(self) -> torch.Tensor:
