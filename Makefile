@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps python-deps test bench-transport clean
+.PHONY: install system-deps python-deps test run bench-transport bench-env bench-policy clean
 
 install: system-deps python-deps
 
@@ -24,8 +24,19 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q tests
 
+# The main job: demos -> Stage I SFT -> Stage II co-training (learner + actors) -> report.
+run: install
+	$(VENV)/bin/tandem-pipeline $(ARGS)
+
 bench-transport: install
 	$(PY) -m common.bench_transport
+
+bench-env: install
+	$(PY) benchmarks/bench_env.py
+
+bench-policy: install
+	$(PY) -m benchmarks.bench_policy --preset tiny --device cpu --threads 1
+	$(PY) -m benchmarks.bench_policy --preset base --device cpu --threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -49,8 +49,22 @@ class Actor:
         self.version = -1
         self.gamma = float(cfg.learner.gamma)
         self.real_proxy = bool(acfg.real_proxy)
-        self.pool = EnvPool(cfg.env, acfg.num_envs, real_proxy=self.real_proxy,
-                            seed=cfg.seed * 1_000_003 + acfg.seed_offset * 10_007)
+        env_seed = cfg.seed * 1_000_003 + acfg.seed_offset * 10_007
+        # actor.inference=server (train mode): env worker processes + one batching inference server
+        # thread on self.device, fed through shared memory (actors/inference_server.py)
+        self.server = None
+        self.pool = None
+        if str(acfg.get("inference", "local")) == "server" and self.mode == "train":
+            from actors.inference_server import InferenceServer
+
+            scfg = acfg.get("server") or {}
+            self.server = InferenceServer(
+                self.policy, cfg.env, acfg.num_envs, rollout_steps=acfg.rollout_steps, gamma=self.gamma,
+                real_proxy=self.real_proxy, seed=env_seed, generator_seed=cfg.seed + acfg.seed_offset,
+                batch_wait_ms=float(scfg.get("batch_wait_ms", 1.0)), full_batch=bool(scfg.get("full_batch", False)),
+                env_factory=scfg.get("env_factory"), cuda_graphs=bool(scfg.get("cuda_graphs", False)))
+        else:
+            self.pool = EnvPool(cfg.env, acfg.num_envs, real_proxy=self.real_proxy, seed=env_seed)
         self.steps = int(acfg.rollout_steps)
         self._token_cache: dict[str, torch.Tensor] = {}
         tcfg = cfg.transport
@@ -58,7 +72,10 @@ class Actor:
         self.weights = WeightSubscriber.from_config(tcfg)
         self.control = ControlClient.from_config(tcfg, identity=self.id)
         self.ring: ShmRingWriter | None = None
-        self.use_shm = bool(tcfg.use_shm) and self.mode == "train"
+        # dry run: the train loop without a learner (no weights awaited, segments discarded), the
+        # actor-only baseline of benchmarks/bench_system.py
+        self.dry_run = bool(acfg.dry_run)
+        self.use_shm = bool(tcfg.use_shm) and self.mode == "train" and not self.dry_run
         self.stop = False
         self.stats = dict(env_steps=0, segments=0, episodes=0, send_failures=0)
         self.recent_success: deque = deque(maxlen=acfg.success_window)
@@ -143,12 +160,51 @@ class Actor:
         else:
             self.stats["send_failures"] += 1
 
+    def run_train_server(self):
+        """actor.inference=server: env workers step freely; the server batches their requests; this
+        thread routes weights to the server and ships the segments the workers finish."""
+        srv = self.server
+        if not self.dry_run:
+            self.wait_for_weights()  # applied to the policy before the server thread starts
+        srv.set_version(self.version)
+        spec = srv.spec
+        self.ensure_ring(spec)
+        srv.start()
+        while not self.stop:
+            msg = self.weights.poll_latest(timeout_ms=0)
+            if msg is not None:
+                srv.submit_weights(msg.arrays, msg.policy_version)  # applied between batches
+                self.version = msg.policy_version
+            item = srv.get_segment(timeout=0.05)
+            if item is not None:
+                arrays, meta = item
+                self.stats["env_steps"] += int(meta["env_steps"])
+                self.stats["episodes"] += int(meta["episodes"])
+                self.recent_success.extend([1.0] * meta["successes"] + [0.0] * (meta["episodes"] - meta["successes"]))
+
+                def fill(dst, src=arrays):
+                    for name, arr in src.items():
+                        np.copyto(dst[name], arr)
+
+                if self.dry_run:
+                    self.stats["segments"] += 1
+                else:
+                    self.ship(spec, fill, int(meta["env_index"]), int(meta["version"]))
+                if self.cfg.actor.max_segments and self.stats["segments"] >= self.cfg.actor.max_segments:
+                    return
+            elif srv.alive == 0:
+                raise RuntimeError("every env worker of the inference server died: " + "; ".join(srv.errors[:1]))
+            self.heartbeat(extra={f"inference_{k}": v for k, v in srv.stats.summary().items()})
+
     def run_train(self):
+        if self.server is not None:
+            return self.run_train_server()
         B, T = self.pool.num_envs, self.steps
         first = self.pool.reset()
         obs = [o for o, _ in first]
         instr = [s for _, s in first]
-        self.wait_for_weights()
+        if not self.dry_run:
+            self.wait_for_weights()
         k = self.policy.exec_horizon
         spec = None
         while not self.stop:
@@ -203,7 +259,10 @@ class Actor:
                     for name, arr in src.items():
                         np.copyto(dst[name], arr)
 
-                self.ship(spec, fill, i, min(versions))
+                if self.dry_run:
+                    self.stats["segments"] += 1
+                else:
+                    self.ship(spec, fill, i, min(versions))
             if self.cfg.actor.max_segments and self.stats["segments"] >= self.cfg.actor.max_segments:
                 return
 
@@ -248,7 +307,10 @@ class Actor:
         return 0
 
     def close(self):
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
+        if self.server is not None:
+            self.server.close()
         if self.ring is not None:
             self.ring.close()
         for ch in (self.sender, self.weights, self.control):

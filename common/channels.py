@@ -10,6 +10,11 @@ ZeroMQ reconnects a peer when the learner comes back. Every socket has a finite 
 
 Received messages are validated by ``protocol.decode``; a bad one is dropped and counted in the
 channel's ``drops`` (a DropCounter) and never raised to the caller.
+
+Security (common/security.py): every channel takes an optional ``security``: a ServerSecurity
+for the learner's binding sockets, a ClientSecurity for the peers' connecting ones (CURVE).
+``from_config`` derives it from ``transport.security`` (off on ipc/loopback by default, on for a
+public address, and a public bind without keys is refused); constructors default to plain sockets.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import zmq
 
 from common.protocol import (DropCounter, Limits, Message, ProtocolError, as_wire_array, cfg_get,
                              decode, encode)
+from common.security import ClientSecurity, SecurityConfig, ServerSecurity
 
 # Defaults of configs/transport/default.yaml, for callers that build a channel without a config.
 DEFAULT_HWM = {"data_send": 8, "data_recv": 64, "weights_send": 2, "weights_recv": 4, "control": 1000}
@@ -45,8 +51,9 @@ class SocketOptions:
     reconnect_ivl_ms: int = 100
     reconnect_ivl_max_ms: int = 2000
     # ZMTP heartbeats let a connecting peer notice a learner host that vanished without closing
-    # its TCP connection (power loss, cable) and reconnect. 0 disables them.
-    heartbeat_ivl_ms: int = 1000
+    # its TCP connection (power loss, cable) and reconnect. 0 disables them: the default, since
+    # libzmq 4.3 can abort on a PING reaching a socket at its HWM (configs/transport/default.yaml).
+    heartbeat_ivl_ms: int = 0
     heartbeat_timeout_ms: int = 5000
 
     @classmethod
@@ -94,10 +101,12 @@ class _Channel:
 
     socket_type: int
 
-    def __init__(self, endpoint: str, *, options: SocketOptions | None = None, name: str = ""):
+    def __init__(self, endpoint: str, *, options: SocketOptions | None = None, name: str = "",
+                 security: ServerSecurity | ClientSecurity | None = None):
         self.options = options or SocketOptions()
         self.endpoint = endpoint
         self.name = name or type(self).__name__
+        self.security = security
         self.socket = self._new_socket()
 
     def _new_socket(self) -> zmq.Socket:
@@ -109,6 +118,8 @@ class _Channel:
         if o.heartbeat_ivl_ms > 0:
             sock.setsockopt(zmq.HEARTBEAT_IVL, o.heartbeat_ivl_ms)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, o.heartbeat_timeout_ms)
+        if self.security is not None:
+            self.security.apply(sock)  # CURVE options must precede bind/connect
         return sock
 
     def close(self) -> None:
@@ -133,6 +144,29 @@ def _limit_frame_size(sock: zmq.Socket, limits: Limits) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_array_bytes, limits.max_header_bytes))
 
 
+def _server_security(t: Any, endpoint: str, kw: dict) -> ServerSecurity | None:
+    """``kw["security"]`` when the caller passed one, else what ``transport.security`` says for a
+    socket binding ``endpoint`` (raises when a public bind has no keys and is not allowed)."""
+    if "security" in kw:
+        return kw.pop("security")
+    return SecurityConfig.from_config(t).for_server(as_bind_endpoint(endpoint, cfg_get(t, "bind_host")))
+
+
+def check_server_security(cfg: Any) -> dict[str, bool]:
+    """For the learner, before it loads anything: raise InsecureTransportError (or
+    SecurityConfigError) now if one of its three binds would be refused; else endpoint -> CURVE on."""
+    t = transport_config(cfg)
+    sec = SecurityConfig.from_config(t)
+    ends = [as_bind_endpoint(cfg_get(t, f"{k}_endpoint"), cfg_get(t, "bind_host")) for k in ("data", "weights", "control")]
+    return {e: sec.for_server(e) is not None for e in ends}
+
+
+def _client_security(t: Any, endpoint: str, kw: dict) -> ClientSecurity | None:
+    if "security" in kw:
+        return kw.pop("security")
+    return SecurityConfig.from_config(t).for_client(endpoint)
+
+
 def _remaining_ms(deadline: float) -> int:
     return max(0, int((deadline - time.monotonic()) * 1000))
 
@@ -153,8 +187,8 @@ class DataSender(_Channel):
 
     def __init__(self, endpoint: str, *, hwm: int = DEFAULT_HWM["data_send"],
                  send_timeout_ms: int = DEFAULT_SEND_TIMEOUT_MS,
-                 options: SocketOptions | None = None, name: str = ""):
-        super().__init__(endpoint, options=options, name=name)
+                 options: SocketOptions | None = None, name: str = "", security: ClientSecurity | None = None):
+        super().__init__(endpoint, options=options, name=name, security=security)
         self.send_timeout_ms = send_timeout_ms
         self.socket.setsockopt(zmq.SNDHWM, hwm)
         self.socket.connect(endpoint)
@@ -164,9 +198,10 @@ class DataSender(_Channel):
     @classmethod
     def from_config(cls, cfg: Any, **kw) -> "DataSender":
         t = transport_config(cfg)
+        security = _client_security(t, t.data_endpoint, kw)
         return cls(t.data_endpoint, hwm=_hwm(t, "data_send"),
                    send_timeout_ms=int(cfg_get(t, "send_timeout_ms", DEFAULT_SEND_TIMEOUT_MS)),
-                   options=SocketOptions.from_config(t), **kw)
+                   options=SocketOptions.from_config(t), security=security, **kw)
 
     def send(self, msg: Message, timeout_ms: int | None = None) -> bool:
         """Queue ``msg``; False when the queue stayed full for ``timeout_ms`` (nothing was sent)."""
@@ -192,8 +227,9 @@ class DataReceiver(_Channel):
     socket_type = zmq.PULL
 
     def __init__(self, endpoint: str, limits: Limits | None = None, *, hwm: int = DEFAULT_HWM["data_recv"],
-                 bind_host: str | None = None, options: SocketOptions | None = None, name: str = ""):
-        super().__init__(endpoint, options=options, name=name)
+                 bind_host: str | None = None, options: SocketOptions | None = None, name: str = "",
+                 security: ServerSecurity | None = None):
+        super().__init__(endpoint, options=options, name=name, security=security)
         self.limits = limits or Limits()
         self.drops = DropCounter(self.name)
         self.socket.setsockopt(zmq.RCVHWM, hwm)
@@ -205,8 +241,10 @@ class DataReceiver(_Channel):
     @classmethod
     def from_config(cls, cfg: Any, **kw) -> "DataReceiver":
         t = transport_config(cfg)
+        security = _server_security(t, t.data_endpoint, kw)
         return cls(t.data_endpoint, Limits.from_config(t), hwm=_hwm(t, "data_recv"),
-                   bind_host=cfg_get(t, "bind_host"), options=SocketOptions.from_config(t), **kw)
+                   bind_host=cfg_get(t, "bind_host"), options=SocketOptions.from_config(t),
+                   security=security, **kw)
 
     def recv(self, timeout_ms: int = 0) -> Message | None:
         """The next valid message, or None when none arrived within ``timeout_ms``."""
@@ -249,8 +287,9 @@ class WeightPublisher(_Channel):
     socket_type = zmq.PUB
 
     def __init__(self, endpoint: str, *, hwm: int = DEFAULT_HWM["weights_send"], bind_host: str | None = None,
-                 options: SocketOptions | None = None, name: str = "", sender: str = "learner"):
-        super().__init__(endpoint, options=options, name=name)
+                 options: SocketOptions | None = None, name: str = "", sender: str = "learner",
+                 security: ServerSecurity | None = None):
+        super().__init__(endpoint, options=options, name=name, security=security)
         self.sender = sender
         self.publisher_id = secrets.token_hex(8)
         self.socket.setsockopt(zmq.SNDHWM, hwm)
@@ -259,8 +298,9 @@ class WeightPublisher(_Channel):
     @classmethod
     def from_config(cls, cfg: Any, **kw) -> "WeightPublisher":
         t = transport_config(cfg)
+        security = _server_security(t, t.weights_endpoint, kw)
         return cls(t.weights_endpoint, hwm=_hwm(t, "weights_send"), bind_host=cfg_get(t, "bind_host"),
-                   options=SocketOptions.from_config(t), **kw)
+                   options=SocketOptions.from_config(t), security=security, **kw)
 
     def publish(self, version: int, arrays: dict[str, np.ndarray], meta: dict | None = None) -> str:
         """Broadcast one version (arrays must not change until sent); returns its digest."""
@@ -278,11 +318,12 @@ class WeightSubscriber(_Channel):
     socket_type = zmq.SUB
 
     def __init__(self, endpoint: str, limits: Limits | None = None, *, hwm: int = DEFAULT_HWM["weights_recv"],
-                 options: SocketOptions | None = None, name: str = ""):
-        super().__init__(endpoint, options=options, name=name)
+                 options: SocketOptions | None = None, name: str = "", security: ClientSecurity | None = None):
+        super().__init__(endpoint, options=options, name=name, security=security)
         self.limits = limits or Limits()
         self.drops = DropCounter(self.name)
         self.skipped_versions = 0  # valid versions superseded by a newer one in the same drain
+        self.resends = 0  # the current version received again (periodic re-publish)
         self.last_version: int | None = None
         self.last_publisher: str | None = None
         self.socket.setsockopt(zmq.RCVHWM, hwm)
@@ -293,8 +334,9 @@ class WeightSubscriber(_Channel):
     @classmethod
     def from_config(cls, cfg: Any, **kw) -> "WeightSubscriber":
         t = transport_config(cfg)
+        security = _client_security(t, t.weights_endpoint, kw)
         return cls(t.weights_endpoint, Limits.from_config(t, "weights_limits"), hwm=_hwm(t, "weights_recv"),
-                   options=SocketOptions.from_config(t), **kw)
+                   options=SocketOptions.from_config(t), security=security, **kw)
 
     def _is_newer(self, msg: Message, than: Message | None) -> bool:
         version = than.policy_version if than is not None else self.last_version
@@ -321,6 +363,8 @@ class WeightSubscriber(_Channel):
                 continue
             if msg.kind != "weights":
                 self.drops.record("wrong_kind", peer=self.endpoint)
+            elif msg.policy_version == self.last_version and msg.meta.get("publisher_id") == self.last_publisher:
+                self.resends += 1  # the learner re-sends its current version for late joiners: not an error
             elif not self._is_newer(msg, None):
                 self.drops.record("stale_version", peer=self.endpoint)
             elif best is None or self._is_newer(msg, best):
@@ -349,8 +393,9 @@ class ControlServer(_Channel):
     socket_type = zmq.ROUTER
 
     def __init__(self, endpoint: str, limits: Limits | None = None, *, hwm: int = DEFAULT_HWM["control"],
-                 bind_host: str | None = None, options: SocketOptions | None = None, name: str = ""):
-        super().__init__(endpoint, options=options, name=name)
+                 bind_host: str | None = None, options: SocketOptions | None = None, name: str = "",
+                 security: ServerSecurity | None = None):
+        super().__init__(endpoint, options=options, name=name, security=security)
         self.limits = limits or Limits()
         self.drops = DropCounter(self.name)
         self.socket.setsockopt(zmq.SNDHWM, hwm)
@@ -363,8 +408,10 @@ class ControlServer(_Channel):
     @classmethod
     def from_config(cls, cfg: Any, **kw) -> "ControlServer":
         t = transport_config(cfg)
+        security = _server_security(t, t.control_endpoint, kw)
         return cls(t.control_endpoint, Limits.from_config(t), hwm=_hwm(t, "control"),
-                   bind_host=cfg_get(t, "bind_host"), options=SocketOptions.from_config(t), **kw)
+                   bind_host=cfg_get(t, "bind_host"), options=SocketOptions.from_config(t),
+                   security=security, **kw)
 
     def poll(self, timeout_ms: int = 0) -> tuple[bytes, Message] | None:
         """(peer routing identity, message) of the next valid message, or None on timeout."""
@@ -401,7 +448,7 @@ class ControlClient(_Channel):
 
     def __init__(self, endpoint: str, identity: str, limits: Limits | None = None, *,
                  hwm: int = DEFAULT_HWM["control"], request_timeout_ms: int = DEFAULT_REQUEST_TIMEOUT_MS,
-                 options: SocketOptions | None = None):
+                 options: SocketOptions | None = None, security: ClientSecurity | None = None):
         self.identity = identity
         self.limits = limits or Limits()
         self.hwm = hwm
@@ -409,14 +456,15 @@ class ControlClient(_Channel):
         self.drops = DropCounter(f"control:{identity}")
         self.resets = 0
         self._request_id = 0
-        super().__init__(endpoint, options=options, name=identity)
+        super().__init__(endpoint, options=options, name=identity, security=security)
 
     @classmethod
     def from_config(cls, cfg: Any, identity: str, **kw) -> "ControlClient":
         t = transport_config(cfg)
+        security = _client_security(t, t.control_endpoint, kw)
         return cls(t.control_endpoint, identity, Limits.from_config(t), hwm=_hwm(t, "control"),
                    request_timeout_ms=int(cfg_get(t, "request_timeout_ms", DEFAULT_REQUEST_TIMEOUT_MS)),
-                   options=SocketOptions.from_config(t), **kw)
+                   options=SocketOptions.from_config(t), security=security, **kw)
 
     def _new_socket(self) -> zmq.Socket:
         sock = super()._new_socket()

@@ -116,10 +116,14 @@ def message_to_episode(msg: Message) -> Episode:
         raise EpisodeFormatError(f"episode message lacks {missing}")
     if m.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise EpisodeFormatError(f"episode schema {m.get('schema')} != {SCHEMA_VERSION}")
-    return Episode(episode_id=str(m["episode_id"]), task=str(m["task"]), success=bool(m["success"]),
-                   fps=int(m["fps"]), images=msg.arrays[IMAGE_KEY], states=msg.arrays[STATE_KEY],
-                   actions=msg.arrays[ACTION_KEY], source=str(m.get("source", "collect")),
-                   policy_version=msg.policy_version, extra=dict(m.get("extra", {}))).validate()
+    try:
+        ep = Episode(episode_id=str(m["episode_id"]), task=str(m["task"]), success=bool(m["success"]),
+                     fps=int(m["fps"]), images=msg.arrays[IMAGE_KEY], states=msg.arrays[STATE_KEY],
+                     actions=msg.arrays[ACTION_KEY], source=str(m.get("source", "collect")),
+                     policy_version=msg.policy_version, extra=dict(m.get("extra", {})))
+    except (TypeError, ValueError) as e:
+        raise EpisodeFormatError(f"episode meta has a field of the wrong type: {e}") from None
+    return ep.validate()
 
 
 def ack_request(episode_ids: list[str], sender: str = "") -> Message:

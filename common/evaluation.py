@@ -8,7 +8,7 @@ two evaluations with the same seed see the same layouts, objects and instruction
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch

@@ -12,70 +12,101 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from common.config import run_with_config
 
+PY = sys.executable
 
-def _run(title: str, cmd: list[str]) -> None:
+
+def run_stage(title: str, cmd: list[str]) -> None:
     print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
     t0 = time.time()
     rc = subprocess.call(cmd)
     if rc != 0:
-        raise SystemExit(f"[tandem-pipeline] {title} failed (exit {rc})")
+        raise SystemExit(f"[tandem] {title} failed (exit {rc})")
     print(f"=== {title}: done in {time.time() - t0:.0f} s", flush=True)
 
 
-def _dataset_list(*entries: tuple[str, Path, float]) -> str:
+def dataset_list(*entries: tuple[str, Path, float]) -> str:
+    """A Hydra list of {repo_id, root, weight} for learner.real_datasets / sft.datasets."""
     items = ", ".join(f"{{repo_id: {r}, root: '{p}', weight: {w}}}" for r, p, w in entries)
     return f"[{items}]"
 
 
+class Pipeline:
+    """The stages, each a separate process; ``shared`` are the user's overrides for every stage."""
+
+    def __init__(self, cfg: DictConfig, overrides: list[str]):
+        self.cfg, self.p = cfg, cfg.pipeline
+        self.run = Path(cfg.run_dir).resolve()
+        own = ("pipeline.", "experiment.", "run_dir=", "size=")
+        self.shared = [o for o in overrides if not o.lstrip("+~").startswith(own)]
+        # what this root config sets for every stage; a size preset (configs/size/) travels whole
+        self.env = [f"env.image_size={cfg.env.image_size}", f"env.max_episode_steps={cfg.env.max_episode_steps}",
+                    f"env.reward_mode={cfg.env.reward_mode}"]
+        if cfg.get("size_name"):
+            self.env.insert(0, f"+size={cfg.size_name}")
+        self.sim_demos = self.run / "data" / "sim_demos"
+        self.real_demos = self.run / "data" / "real_demos"
+        self.stage1_dir = self.run / "stage1"
+
+    def _done(self, path: Path) -> bool:
+        return bool(self.p.skip_existing) and path.exists()
+
+    def demos(self) -> None:
+        if not self._done(self.sim_demos / "meta" / "info.json"):
+            run_stage("expert demonstrations in the twin",
+                      [PY, "-m", "common.twin.demos", f"out={self.sim_demos}", f"episodes={self.p.sim_demos}",
+                       "env=twin", f"image_size={self.cfg.env.image_size}", "repo_id=local/sim_demos"])
+        if not self._done(self.real_demos / "meta" / "info.json"):
+            run_stage("collector demonstrations on the real proxy (simulated robot, scripted teleop)",
+                      [PY, "-m", "realrobot.collector", f"run_dir={self.run / 'collect'}", *self.env, *self.shared,
+                       "teleop=scripted", "collect.prompt.type=auto", f"collect.num_episodes={self.p.real_demos}",
+                       "collect.push=false", f"collect.root={self.real_demos}", "robot.pace=false"])
+
+    def stage1(self) -> None:
+        if self._done(self.stage1_dir / "policy"):
+            return
+        run_stage("Stage I: SFT on sim + real demonstrations",
+                  [PY, "-m", "learner.sft", f"run_dir={self.stage1_dir}", *self.env, *self.shared,
+                   f"sft.steps={self.p.sft_steps}", f"sft.eval_episodes={self.p.sft_eval_episodes}",
+                   "sft.datasets=" + dataset_list(("local/sim_demos", self.sim_demos, self.p.sim_weight),
+                                                  ("local/tandem_real_demos", self.real_demos, self.p.real_weight))])
+
+    def stage2(self, run_dir: Path, extra: list[str] = (), title: str = "Stage II: co-training") -> dict:
+        run_stage(f"{title} (learner + actors as separate processes)",
+                  [PY, "-m", "common.launch", f"run_dir={run_dir}", *self.env, *self.shared,
+                   f"learner.model_path={self.stage1_dir / 'policy'}",
+                   "learner.real_datasets=" + dataset_list(("local/tandem_real_demos", self.real_demos, 1.0)),
+                   f"learner.total_updates={self.p.stage2_updates}",
+                   f"learner.max_duration_s={self.p.stage2_max_duration_s}",
+                   f"launch.num_actors={self.p.num_actors}", *self.p.stage2_overrides, *extra])
+        return json.loads((run_dir / "summary.json").read_text())
+
+    def report(self, runs: list[Path], out: Path) -> None:
+        run_stage("report", [PY, "-m", "learner.report", *map(str, runs), "--out", str(out)])
+
+
 def pipeline(cfg: DictConfig, overrides: list[str]) -> int:
-    p, py = cfg.pipeline, sys.executable
-    run = Path(cfg.run_dir).resolve()
-    # overrides for every stage: the user's, minus the pipeline's own block and run_dir
-    shared = [o for o in overrides if not o.lstrip("+~").startswith(("pipeline.", "run_dir="))]
-    env = [f"env.image_size={cfg.env.image_size}", f"env.max_episode_steps={cfg.env.max_episode_steps}"]
-    sim_demos, real_demos = run / "data" / "sim_demos", run / "data" / "real_demos"
-    stage1, stage2 = run / "stage1", run / "stage2"
+    pipe = Pipeline(cfg, overrides)
+    pipe.demos()
+    pipe.stage1()
+    stage2 = pipe.run / "stage2"
+    summary = pipe.stage2(stage2)
+    pipe.report([pipe.stage1_dir, stage2], pipe.run / "report")
 
-    def done(path: Path) -> bool:
-        return bool(p.skip_existing) and path.exists()
-
-    if not done(sim_demos / "meta" / "info.json"):
-        _run("expert demonstrations in the twin",
-             [py, "-m", "common.twin.demos", f"out={sim_demos}", f"episodes={p.sim_demos}", "env=twin",
-              f"image_size={cfg.env.image_size}", "repo_id=local/sim_demos"])
-    if not done(real_demos / "meta" / "info.json"):
-        _run("collector demonstrations on the real proxy (simulated robot, scripted teleop)",
-             [py, "-m", "realrobot.collector", f"run_dir={run / 'collect'}", *env, *shared, "teleop=scripted",
-              "collect.prompt.type=auto", f"collect.num_episodes={p.real_demos}", "collect.push=false",
-              f"collect.root={real_demos}", "robot.pace=false"])
-    if not done(stage1 / "policy"):
-        _run("Stage I: SFT on sim + real demonstrations",
-             [py, "-m", "learner.sft", f"run_dir={stage1}", *env, *shared, f"sft.steps={p.sft_steps}",
-              f"sft.eval_episodes={p.sft_eval_episodes}",
-              "sft.datasets=" + _dataset_list(("local/sim_demos", sim_demos, p.sim_weight),
-                                              ("local/tandem_real_demos", real_demos, p.real_weight))])
-    _run("Stage II: co-training (learner + actors as separate processes)",
-         [py, "-m", "common.launch", f"run_dir={stage2}", *env, *shared, f"learner.model_path={stage1 / 'policy'}",
-          "learner.real_datasets=" + _dataset_list(("local/tandem_real_demos", real_demos, 1.0)),
-          f"learner.total_updates={p.stage2_updates}", f"learner.max_duration_s={p.stage2_max_duration_s}",
-          f"launch.num_actors={p.num_actors}", *p.stage2_overrides])
-    _run("report", [py, "-m", "learner.report", str(stage1), str(stage2), "--out", str(run / "report")])
-
-    summary = json.loads((stage2 / "summary.json").read_text())
-    sft = json.loads((stage1 / "sft_summary.json").read_text()) if (stage1 / "sft_summary.json").exists() else {}
+    sft_file = pipe.stage1_dir / "sft_summary.json"
+    sft = json.loads(sft_file.read_text()) if sft_file.exists() else {}
     print("\n=== Tandem pipeline summary")
-    print(f"TensorBoard:   tensorboard --logdir {run}")
-    print(f"Report:        {run / 'report' / 'report.md'}")
-    print(f"Stage I:       {json.dumps(sft.get('eval', sft.get('final_eval', {})))}")
-    for key in ("eval_sim", "eval_real_proxy"):
-        e = summary.get(key)
-        print(f"Stage II {key[5:]:10s}: " + (f"success {e['success']:.2f} over {e['episodes']} episodes "
-                                              f"(policy version {e['policy_version']})" if e else "no evaluation finished"))
-    print(f"Stage II:      {summary['updates']} updates, {summary['sim_samples']} sim chunk-steps, "
+    print(f"TensorBoard:  tensorboard --logdir {pipe.run}")
+    print(f"Report:       {pipe.run / 'report' / 'report.md'}")
+    for stage, s in (("Stage I ", sft), ("Stage II", summary)):
+        for key, name in (("eval_sim", "twin"), ("eval_real_proxy", "real proxy")):
+            e = s.get(key)
+            print(f"{stage} {name:10s} " + (f"success {e['success']:.2f} over {e['episodes']} episodes"
+                                             if e else "no evaluation finished"))
+    print(f"Stage II: {summary['updates']} updates, {summary['sim_samples']} sim chunk-steps, "
           f"{summary['real_samples']} real samples, {summary['duration_s']} s")
     return 0
 

@@ -45,3 +45,30 @@ class SegmentSpec:
 
     def empty(self) -> dict[str, np.ndarray]:
         return {k: np.zeros(s, d) for k, (d, s) in self.arrays().items()}
+
+    def check(self, arrays: dict) -> None:
+        """Raise ValueError naming the first array that is missing, extra or of the wrong layout."""
+        expected = self.arrays()
+        if set(arrays) != set(expected):
+            raise ValueError(f"segment arrays {sorted(arrays)} != expected {sorted(expected)}")
+        for name, (dtype, shape) in expected.items():
+            a = arrays[name]
+            if a.dtype != dtype or tuple(a.shape) != shape:
+                raise ValueError(f"segment array {name!r} is {a.dtype} {tuple(a.shape)}, expected {dtype} {shape}")
+
+
+def camera_hw(env_cfg) -> tuple[int, int]:
+    """(height, width) of the twin's camera image: ``image_size`` (int or [H, W]) wins over
+    ``camera.height/width``, as in the twin itself."""
+    size = env_cfg.get("image_size")
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else size
+        return int(h), int(w)
+    return int(env_cfg["camera"]["height"]), int(env_cfg["camera"]["width"])
+
+
+def expected_segment_spec(cfg, policy) -> SegmentSpec:
+    """The layout every actor of this config sends: the learner checks each segment against it."""
+    return SegmentSpec(steps=int(cfg.actor.rollout_steps), image_hw=camera_hw(cfg.env), token_len=policy.token_len,
+                       state_dim=policy.state_dim, num_denoise_steps=policy.num_denoise_steps,
+                       chunk_size=policy.chunk_size, action_dim=policy.action_dim)

@@ -39,6 +39,7 @@ import hashlib
 import logging
 import mmap
 import os
+import re
 import secrets
 import signal
 import threading
@@ -57,6 +58,8 @@ from common.protocol import DropCounter, Message, cfg_get
 log = logging.getLogger(__name__)
 
 RING_PREFIX = "tandem_"
+# what a reader accepts as a ring name from a notice (no path separators, bounded length)
+RING_NAME = re.compile(r"[A-Za-z0-9_]{1,200}")
 SHM_DIR = "/dev/shm"  # where Linux lists POSIX shared memory
 FREE, WRITING, READY, READING = 0, 1, 2, 3
 STATE_NAMES = {FREE: "FREE", WRITING: "WRITING", READY: "READY", READING: "READING"}
@@ -345,6 +348,9 @@ class ShmRingWriter:
 
         If that keeps happening, the learner may have restarted and lost notices: send the
         ``ready_notices()`` again (a duplicate notice is rejected by its sequence number)."""
+        if self._closed:  # e.g. closed by the SIGTERM handler while the owner finishes its loop
+            self.drops += 1
+            return None
         index = self._claim_free_slot()
         if index is None and self.full_policy == "wait":
             self.waits += 1

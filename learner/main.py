@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.channels import ControlServer, DataReceiver, WeightPublisher
+from common.channels import ControlServer, DataReceiver, WeightPublisher, check_server_security
 from common.config import run_with_config
 from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, EpisodeFormatError, ack_reply,
                                 is_ack_request, message_to_episode)
 from common.policy import load_policy, make_policy
 from common.protocol import Message
-from common.segment import SegmentSpec
-from common.shm_ring import ShmRingReader, reap_dead_rings
+from common.segment import SegmentSpec, expected_segment_spec
+from common.shm_ring import RING_NAME, ShmRingReader, reap_dead_rings
+from learner import distributed
 from learner.batcher import Batcher
 from learner.checkpoint import LearnerCounters, load_latest_checkpoint, save_checkpoint
 from learner.cotrain import make_optimizer, train_step
@@ -60,6 +61,7 @@ class Ingest(threading.Thread):
         self.duplicate_episodes = 0
         self.stop = threading.Event()
         self.peer_timeout_s = float(cfg.peer_timeout_s)
+        self.max_peers = int(cfg.max_peers)
         self._last_reap = time.time()
         self.ring_prefix = str(cfg.ring.name_prefix)
 
@@ -72,10 +74,15 @@ class Ingest(threading.Thread):
         name = meta.get("ring")
         reader = self.rings.get(name)
         if reader is None:
+            if not (isinstance(name, str) and name.startswith(self.ring_prefix) and RING_NAME.fullmatch(name)):
+                self.dropped["bad_ring"] += 1
+                return
             try:
                 spec = SegmentSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()})
+                if spec != self.L.segment_spec:
+                    raise ValueError(f"ring layout {spec} is not the learner's {self.L.segment_spec}")
                 reader = ShmRingReader.attach(name, spec.arrays(), meta.get("num_slots"))
-            except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+            except (KeyError, TypeError, ValueError, OSError) as e:
                 self.dropped["bad_ring"] += 1
                 log.warning("dropping notice for ring %r from %s: %s", name, msg.sender, e)
                 return
@@ -102,6 +109,8 @@ class Ingest(threading.Thread):
             self.control.reply(peer, ack_reply(msg, self.L.stored_episode_ids.__contains__), in_reply_to=msg)
             return
         if msg.kind in ("hello", "heartbeat", "bye"):
+            if name not in self.peers and len(self.peers) >= self.max_peers:
+                self.peers.pop(min(self.peers, key=lambda n: self.peers[n]["last_seen"]))
             info = self.peers.setdefault(name, {})
             info.update(msg.meta, last_seen=time.time(), policy_version=msg.policy_version)
             if msg.kind == "bye" or msg.meta.get("bye"):
@@ -157,6 +166,8 @@ class Ingest(threading.Thread):
         d = dict(self.dropped)
         d["protocol_data"] = self.data.drops.total
         d["protocol_control"] = self.control.drops.total
+        d.update({f"protocol_data/{r}": n for r, n in self.data.drops.counts.items()})
+        d.update({f"protocol_control/{r}": n for r, n in self.control.drops.counts.items()})
         d["ring"] = sum(r.drops.total for r in self.rings.values())
         return d
 
@@ -164,6 +175,8 @@ class Ingest(threading.Thread):
 class Learner:
     def __init__(self, cfg: DictConfig):
         self.cfg, lcfg = cfg, cfg.learner
+        # refuse a public bind without CURVE keys before loading anything (transport.security)
+        log.info("transport CURVE per endpoint: %s", check_server_security(cfg.transport))
         self.device = resolve_device(lcfg.device)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
@@ -174,6 +187,8 @@ class Learner:
         self.replay = RealReplay.from_config(lcfg, seed=cfg.seed) if (self.co_train or lcfg.live_dataset.root) else None
         self.ids_file = self.run_dir / "stored_episode_ids.json"
         self.stored_episode_ids: set[str] = set(json.loads(self.ids_file.read_text())) if self.ids_file.exists() else set()
+        self.intent_file = self.run_dir / "storing_episode.json"
+        self._recover_episode_intent()
 
         ckpt = load_latest_checkpoint(lcfg.checkpoint_dir, map_location=str(self.device))
         if ckpt is not None:
@@ -189,6 +204,7 @@ class Learner:
                 self.policy = make_policy(cfg.policy, stats=stats or None)
             self.policy = self.policy.to(self.device)
             self.counters = LearnerCounters()
+        self.segment_spec = expected_segment_spec(cfg, self.policy)
         self.optimizer = make_optimizer(self.policy, lcfg)
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
@@ -203,6 +219,7 @@ class Learner:
         self.last_stats: dict = {}
         self._samples_window = (time.time(), self.counters.sim_samples)
         self.samples_per_s = 0.0
+        self.lag_histogram = np.zeros(lcfg.max_policy_lag + 1, dtype=np.int64)  # trained segments by policy lag
         self.ingest = Ingest(self)
 
     @property
@@ -211,6 +228,12 @@ class Learner:
 
     # -- called from the ingest thread --------------------------------------------------------
     def add_segment(self, segment: dict, policy_version: int):
+        try:
+            self.segment_spec.check(segment)
+        except ValueError as e:
+            self.ingest.dropped["bad_segment"] += 1
+            log.debug("dropping segment: %s", e)
+            return
         with self.batch_lock:
             self.batcher.add(segment, policy_version, self.version)
 
@@ -222,12 +245,29 @@ class Learner:
             self.ingest.dropped["no_live_dataset"] += 1
             log.warning("episode %s dropped: learner.live_dataset.root is not set", ep.episode_id)
             return
+        # intent first: a crash after the dataset write but before the id is recorded must not
+        # store the episode twice when the collector resends it (see _recover_episode_intent)
+        _write_json(self.intent_file, {"episode_id": ep.episode_id, "episodes_before": self.replay.size()["sources"]["live"]["episodes"]})
         self.replay.add_episode({IMAGE_KEY: ep.images, STATE_KEY: ep.states, ACTION_KEY: ep.actions}, ep.task)
-        self.stored_episode_ids.add(ep.episode_id)  # only after it is on disk: the ack says "stored"
-        tmp = self.ids_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(self.stored_episode_ids)))
-        tmp.replace(self.ids_file)
+        self._record_episode_id(ep.episode_id)  # only after it is on disk: the ack says "stored"
         log.info("stored real episode %s (%d frames, success=%s)", ep.episode_id, ep.num_frames, ep.success)
+
+    def _record_episode_id(self, episode_id: str):
+        self.stored_episode_ids.add(episode_id)
+        _write_json(self.ids_file, sorted(self.stored_episode_ids))
+        self.intent_file.unlink(missing_ok=True)
+
+    def _recover_episode_intent(self):
+        """An episode being stored when the learner died: keep its id iff the live dataset has it."""
+        if not self.intent_file.exists():
+            return
+        intent = json.loads(self.intent_file.read_text())
+        live = (self.replay.size()["sources"].get("live") if self.replay is not None else None) or {"episodes": 0}
+        if live["episodes"] > intent["episodes_before"]:
+            log.warning("episode %s was stored before a crash: recording its id", intent["episode_id"])
+            self._record_episode_id(intent["episode_id"])
+        else:
+            self.intent_file.unlink()
 
     def record_eval(self, meta: dict):
         env = "real_proxy" if meta.get("eval_env") == "real_proxy" else "sim"
@@ -240,14 +280,17 @@ class Learner:
     def status(self, peers: dict) -> dict:
         size = self.replay.size() if self.replay is not None else {"episodes": 0, "frames": 0}
         now = time.time()
-        actors = {n: {k: v for k, v in p.items() if isinstance(v, (int, float, str, bool))} | {"age_s": now - p["last_seen"]}
-                  for n, p in peers.items()}
+        newest = sorted(peers.items(), key=lambda kv: -kv[1]["last_seen"])[:self.cfg.transport.status_max_peers]
+        actors = {n[:64]: {k: v for k, v in p.items() if isinstance(v, (int, float, str, bool)) and len(str(v)) < 128}
+                  | {"age_s": now - p["last_seen"]} for n, p in newest}
         b = self.batcher.stats()
         return {"session": self.session, "updates": self.counters.updates, "samples_per_s": self.samples_per_s,
                 "queue_depth": self.batcher.queue_depth, "real_episodes": size["episodes"], "real_frames": size["frames"],
                 "lag_mean": b["policy_lag/mean"], "lag_max": b["policy_lag/max"],
+                "lag_histogram": self.lag_histogram.tolist(),
                 "dropped": {**self.ingest.dropped_total(), "stale": self.batcher.dropped_stale,
-                            "overflow": self.batcher.dropped_overflow}, "actors": actors}
+                            "overflow": self.batcher.dropped_overflow, "invalid": self.batcher.dropped_invalid},
+                "actors": actors}
 
     # -- train thread -------------------------------------------------------------------------
     def publish(self):
@@ -261,19 +304,24 @@ class Learner:
                                keep=self.cfg.learner.keep_checkpoints)
         log.info("checkpoint %s", path)
 
+    def step(self, batch: dict, cfg) -> dict:
+        """One update on a sim batch (``learner.distributed`` shards it over ranks instead)."""
+        return train_step(self.policy, self.optimizer, batch, cfg, self.replay, self.rng)
+
     def train_once(self) -> bool:
         with self.batch_lock:
             batch = self.batcher.next_batch(self.version)
             bstats = self.batcher.stats()
         if batch is None:
             return False
+        self.lag_histogram += self.batcher.lag_histogram()  # of this batch: only this thread takes batches
         lcfg = self.cfg.learner
         co_train = self.co_train and self.replay is not None and self.replay.size()["frames"] > 0
         if self.co_train and not co_train and self.counters.updates == 0:
             log.warning("co-training is on but the real replay is empty: PPO only until real data arrives")
         step_cfg = OmegaConf.merge(lcfg, {"use_real_data_co_training": co_train}) if co_train != self.co_train else lcfg
         t0 = time.time()
-        stats = train_step(self.policy, self.optimizer, batch, step_cfg, self.replay, self.rng)
+        stats = self.step(batch, step_cfg)
         T, B = batch["reward"].shape
         self.counters.updates += 1
         self.counters.sim_samples += T * B
@@ -350,9 +398,16 @@ class Learner:
                    "duration_s": round(duration_s, 1), "co_training": self.co_train,
                    "eval_sim": last("sim"), "eval_real_proxy": last("real_proxy"),
                    "eval_history": self.eval_history, "dropped": self.ingest.dropped_total(),
+                   "policy_lag_histogram": self.lag_histogram.tolist(),
                    "tensorboard": str(Path(self.cfg.learner.log_dir).resolve())}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         log.info("summary: %s", {k: v for k, v in summary.items() if k != "eval_history"})
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
 
 
 def _progress(total: int, initial: int):
@@ -362,7 +417,14 @@ def _progress(total: int, initial: int):
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return run_with_config(lambda cfg: Learner(cfg).run(), argv=argv)
+    return run_with_config(run, argv=argv)
+
+
+def run(cfg: DictConfig) -> int:
+    """One learner, or under torchrun one rank of a data-parallel learner."""
+    if distributed.launched():
+        return distributed.run(cfg, Learner)
+    return Learner(cfg).run()
 
 
 if __name__ == "__main__":

@@ -109,26 +109,42 @@ class Run:
 
 
 # ----- reading -----------------------------------------------------------------------------------
+def event_file_order(path: Path) -> tuple:
+    """Event files by creation: their names are events.out.tfevents.<unix time>.<host>.<pid>.<n>."""
+    stamp = path.name[len(EVENT_GLOB) - 1:].split(".")[0]
+    return (int(stamp) if stamp.isdigit() else int(path.stat().st_mtime), path.name)
+
+
 def read_scalars(run_dir: Path) -> dict:
-    """Every scalar tag in the run's event files -> Series sorted by step (the last write of a step
-    wins, e.g. after a resume)."""
+    """Every scalar tag in the run's event files -> Series sorted by step.
+
+    Files are read oldest first. A file that starts at or before a step already seen is a restart
+    (from a checkpoint): the older points from its first step on are dropped, as TensorBoard does,
+    so the curve is the history of the weights that were kept."""
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     root = run_dir / "tb" if (run_dir / "tb").is_dir() else run_dir
-    event_dirs = sorted({p.parent for p in root.rglob(EVENT_GLOB)})
-    points: dict[str, dict[int, tuple[float, float]]] = {}  # tag -> step -> (wall_time, value)
-    for d in event_dirs:
-        acc = EventAccumulator(str(d), size_guidance={SCALARS: 0})  # 0: keep every point
+    per_writer: dict[tuple, dict[int, float]] = {}  # (directory, tag) -> step -> value
+    for path in sorted(root.rglob(EVENT_GLOB), key=event_file_order):
+        acc = EventAccumulator(str(path), size_guidance={SCALARS: 0})  # 0: keep every point
         acc.Reload()
         for tag in acc.Tags()[SCALARS]:
-            by_step = points.setdefault(tag, {})
-            for e in acc.Scalars(tag):
-                if e.step not in by_step or e.wall_time >= by_step[e.step][0]:
-                    by_step[e.step] = (e.wall_time, e.value)
+            events = acc.Scalars(tag)
+            if not events:
+                continue
+            key = (path.parent, tag)  # restarts are detected per writer directory
+            restart = min(e.step for e in events)
+            by_step = {s: v for s, v in per_writer.get(key, {}).items() if s < restart}
+            for e in events:  # in write order: the last write of a step wins
+                by_step[e.step] = e.value
+            per_writer[key] = by_step
+    merged: dict[str, dict[int, float]] = {}  # tag -> step -> value
+    for (_, tag), by_step in sorted(per_writer.items(), key=lambda kv: str(kv[0][0])):
+        merged.setdefault(tag, {}).update(by_step)
     out = {}
-    for tag, by_step in points.items():
+    for tag, by_step in merged.items():
         steps = np.array(sorted(by_step), dtype=np.int64)
-        out[tag] = Series(steps, np.array([by_step[s][1] for s in steps], dtype=np.float64))
+        out[tag] = Series(steps, np.array([by_step[s] for s in steps], dtype=np.float64))
     return out
 
 

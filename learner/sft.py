@@ -189,6 +189,16 @@ class StopFlag:
 
 # ----- training ---------------------------------------------------------------------------------
 def train(cfg) -> int:
+    threads = torch.get_num_threads()
+    if cfg.sft.torch_threads > 0:
+        torch.set_num_threads(cfg.sft.torch_threads)
+    try:
+        return run_sft(cfg)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) keep their setting
+
+
+def run_sft(cfg) -> int:
     sft = cfg.sft
     if not sft.datasets:
         raise ValueError("sft.datasets is empty: give at least one LeRobot dataset "
@@ -283,6 +293,7 @@ def write_summary(cfg, state: TrainState, start_step: int, finished: bool, durat
 
     summary = {"steps": state.step, "target_steps": int(cfg.sft.steps), "resumed_from": start_step,
                "finished": finished, "initial_loss": state.initial_loss, "final_loss": state.last_loss,
+               "eval": {env: e["success"] for env in EVAL_ENVS if (e := last(env)) is not None},  # latest rates
                "eval_sim": last("sim"), "eval_real_proxy": last("real_proxy"),
                "eval_history": state.eval_history, "duration_s": round(duration_s, 1),
                "data": replay.size(), "policy_dir": str(Path(cfg.sft.policy_dir).resolve()),

@@ -162,7 +162,8 @@ class SafetyLayer:
     # ------------------------------------------------------------------ filtering
     def _clamp(self, kind: str, detail: str, *args) -> None:
         self.clamp_counts[kind] += 1
-        log.info("safety clamp [%s] " + detail, kind, *args)
+        # waiting for the control rate is routine pacing (counted, not shouted); the rest changed a command
+        log.log(logging.DEBUG if kind == RATE_LIMIT else logging.INFO, "safety clamp [%s] " + detail, kind, *args)
 
     def filter(self, action: np.ndarray, state: np.ndarray) -> np.ndarray:
         """The safe version of ``action`` given the measured ``state`` (no rate limit, no I/O)."""

@@ -59,7 +59,7 @@ def datasets(tmp_path_factory):
 
 def sft_args(run_dir, datasets, steps, eval_episodes):
     items = ", ".join(f"{{repo_id: {d['repo_id']}, root: '{d['root']}', weight: {d['weight']}}}" for d in datasets)
-    return [f"run_dir={run_dir}", "policy=tiny", "device=cpu", f"env.image_size={IMG}",
+    return [f"run_dir={run_dir}", "policy=tiny", "device=cpu", "sft.torch_threads=1", f"env.image_size={IMG}",
             f"env.max_episode_steps={EPISODE_STEPS}", f"sft.datasets=[{items}]", f"sft.steps={steps}",
             "sft.batch_size=16", "sft.lr=1e-3", f"sft.log_interval={LOG_INTERVAL}", "sft.eval_interval=0",
             f"sft.eval_episodes={eval_episodes}", "sft.checkpoint_interval=25"]
@@ -120,6 +120,7 @@ def test_final_evaluation_on_twin_and_real_proxy(sft_run):
     summary = json.loads((sft_run / "sft_summary.json").read_text())
     evals = {e["env"]: e for e in summary["eval_history"]}
     assert set(evals) == {"sim", "real_proxy"} and len(summary["eval_history"]) == 2
+    assert summary["eval"] == {env: e["success"] for env, e in evals.items()}
     for e in evals.values():
         assert e["episodes"] == 1 and e["update"] == SFT_STEPS
         assert 0.0 <= e["success"] <= 1.0 and 1 <= e["mean_length"] <= EPISODE_STEPS

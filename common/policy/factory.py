@@ -14,6 +14,7 @@ from .base import Policy
 
 BACKENDS: dict[str, str] = {
     "compact_vla": "common.policy.compact_vla:CompactVLA",
+    "pi05": "common.policy.pi05:Pi05Policy",
 }
 
 

@@ -37,6 +37,8 @@ from mani_skill.utils.registration import register_env
 from mani_skill.utils.structs.actor import Actor
 from mani_skill.utils.structs.pose import Pose
 
+from common.segment import camera_hw
+
 TASK_ID = "TandemPickPlace-v1"
 DEFAULT_CFG_PATH = Path(__file__).resolve().parents[2] / "configs" / "env" / "twin.yaml"
 SHAPES = ("cube", "cylinder", "sphere")
@@ -56,10 +58,7 @@ def to_dict(cfg: Any) -> dict:
         cfg = OmegaConf.to_container(cfg, resolve=True)
     else:
         cfg = copy.deepcopy(dict(cfg))
-    if cfg.get("image_size") is not None:
-        size = cfg["image_size"]
-        h, w = (size, size) if isinstance(size, int) else size
-        cfg["camera"]["height"], cfg["camera"]["width"] = int(h), int(w)
+    cfg["camera"]["height"], cfg["camera"]["width"] = camera_hw(cfg)
     return cfg
 
 

@@ -1,0 +1,160 @@
+"""Data-parallel learner (learner/distributed.py): two gloo ranks on the CPU update the weights
+exactly as one process does on the same data, co-training SFT term included."""
+import math
+import os
+import socket
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from common.config import load_config
+from common.policy import make_policy
+from common.segment import SegmentSpec
+from learner import distributed
+from learner.batcher import Batcher
+from learner.cotrain import train_step
+
+T, IMAGE_HW, SEGMENTS, REAL = 3, (16, 16), 4, 4
+WEIGHT_ATOL = 1e-5
+OVERRIDES = ["policy=tiny", "device=cpu", f"learner.global_batch_size={SEGMENTS}", f"learner.micro_batch_size={SEGMENTS}",
+             f"learner.real_batch_size={REAL}", "learner.update_epoch=2"]
+
+
+def new_policy(cfg):
+    torch.manual_seed(0)
+    policy = make_policy(cfg.policy)
+    policy.sft_loss = types.MethodType(seeded_sft_loss, policy)  # a bound method: deepcopy rebinds it
+    return policy
+
+
+def seeded_sft_loss(self, obs, actions, action_pad=None):
+    # flow-matching noise and times from a seed fixed by the data, so that the draws of one
+    # process and of two ranks agree sample for sample
+    torch.manual_seed(int(actions.abs().sum().item() * 1000) % 2**31)
+    return type(self).sft_loss(self, obs, actions, action_pad)
+
+
+@torch.no_grad()
+def sim_batch(policy):
+    spec = SegmentSpec(steps=T, image_hw=IMAGE_HW, token_len=policy.token_len, state_dim=8,
+                       num_denoise_steps=policy.num_denoise_steps, chunk_size=policy.chunk_size)
+    batcher = Batcher(SEGMENTS, max_policy_lag=4, max_queued_segments=SEGMENTS)
+    for i in range(SEGMENTS):
+        rng = np.random.default_rng(i)
+        seg = spec.empty()
+        seg["image"][:] = rng.integers(0, 256, seg["image"].shape, dtype=np.uint8)
+        seg["tokens"][:] = policy.tokenize(["put the cube in the bowl"]).numpy()
+        seg["state"][:] = rng.normal(size=seg["state"].shape)
+        obs = {"image": torch.from_numpy(seg["image"][:T]), "tokens": torch.from_numpy(seg["tokens"][:T]).long(),
+               "state": torch.from_numpy(seg["state"][:T])}
+        out = policy.sample(obs, generator=torch.Generator().manual_seed(i))
+        seg["chain"][:], seg["behaviour_logp"][:], seg["behaviour_value"][:] = (out.chain.numpy(), out.log_prob.numpy(),
+                                                                           out.value.numpy())
+        seg["reward"][:] = rng.normal(size=T)
+        seg["done"][:] = rng.random(T) < 0.3
+        batcher.add(seg, policy_version=0, current_version=0)
+    return batcher.next_batch(current_version=0)
+
+
+class SequentialReplay:
+    """Hands out distinct real samples in order, as many as asked: whoever draws first gets the first."""
+
+    def __init__(self, chunk_size, total=64):
+        rng = np.random.default_rng(1)
+        self.data = {"image": rng.integers(0, 256, (total, *IMAGE_HW, 3), dtype=np.uint8),
+                     "state": rng.normal(size=(total, 8)).astype(np.float32),
+                     "actions": rng.normal(size=(total, chunk_size, 7)).astype(np.float32),
+                     "action_pad": np.zeros((total, chunk_size), bool), "task": ["put the cube in the bowl"] * total}
+        self.next = 0
+
+    def sample(self, batch_size, chunk_size, generator=None):
+        rows = slice(self.next, self.next + batch_size)
+        self.next += batch_size
+        return {k: v[rows] for k, v in self.data.items()}
+
+
+def optimizer_for(policy):
+    return torch.optim.SGD(policy.parameters(), lr=0.1)  # SGD: weight differences are gradient differences
+
+
+def reference(co_train: bool, micro_batch_size: int):
+    """One process: ``cotrain.train_step`` on the whole batch in micro-batches of one rank's shard."""
+    cfg = load_config("config", OVERRIDES)
+    lcfg = OmegaConf.merge(cfg.learner, {"micro_batch_size": micro_batch_size, "use_real_data_co_training": co_train})
+    policy = new_policy(cfg)
+    optimizer = optimizer_for(policy)
+    batch = sim_batch(policy)
+    stats = train_step(policy, optimizer, batch, lcfg, SequentialReplay(policy.chunk_size))
+    return policy, stats
+
+
+def _rank(rank, world_size, port, co_train, strategy, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = load_config("config", OVERRIDES + [f"learner.distributed.strategy={strategy}"])
+    ctx = distributed.init(cfg.learner.distributed, "cpu")
+    try:
+        policy = new_policy(cfg)
+        trainer = distributed.DataParallelTrainer(policy, optimizer_for, cfg.learner, ctx)
+        if rank == 0:
+            stats = trainer.lead(sim_batch(policy), co_train, SequentialReplay(policy.chunk_size))
+            trainer.stop_followers()
+        else:
+            stats = {"updates": trainer.follow()}
+        torch.save({"weights": policy.state_dict(), "stats": stats,
+                    "grads": {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+                    if strategy == "ddp" else {}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("strategy,co_train", [("ddp", True), ("ddp", False), ("fsdp", True)])
+def test_two_ranks_update_like_one_process(tmp_path, strategy, co_train):
+    mp.spawn(_rank, args=(2, free_port(), co_train, strategy, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[1]["stats"] == {"updates": 1}
+    policy, expected = reference(co_train, micro_batch_size=SEGMENTS // 2)
+    initial = new_policy(load_config("config", OVERRIDES)).state_dict()
+    # ddp: both replicas hold the weights; fsdp: rank 0's full copy was gathered from the shards
+    replicas = [0, 1] if strategy == "ddp" else [0]
+    moved = 0
+    for name, want in policy.state_dict().items():
+        for r in replicas:
+            torch.testing.assert_close(ranks[r]["weights"][name], want, atol=WEIGHT_ATOL, rtol=0, msg=f"rank {r}: {name}")
+        moved += int(not torch.equal(want, initial[name]))
+    assert moved > 10  # the update did change the weights
+    if strategy == "ddp":
+        for name, p in policy.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(ranks[0]["grads"][name], p.grad, atol=1e-6, rtol=1e-4)
+    got = ranks[0]["stats"]
+    for key in ("train/ppo_loss", "train/value_loss", "actor/total_loss", "train/loss_ratio", "train/ratio_max",
+                "train/ratio_min", "train/grad_norm"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    if co_train:
+        assert got["train/sft_loss"] == pytest.approx(expected["train/sft_loss"], rel=1e-4)
+        assert got["train/real_samples"] == expected["train/real_samples"] == 2 * REAL  # two epochs
+    else:
+        assert "train/sft_loss" not in got
+
+
+def test_shards_and_real_samples_per_rank():
+    lcfg = load_config("config", OVERRIDES + ["learner.global_batch_size=8", "learner.micro_batch_size=3",
+                                              "learner.real_batch_size=6"]).learner
+    rank_cfg = distributed.per_rank_config(lcfg, 2)
+    assert (rank_cfg.global_batch_size, rank_cfg.micro_batch_size, rank_cfg.real_batch_size) == (4, 3, 3)
+    assert distributed.real_sample_plan(rank_cfg, 4) == [math.ceil(3 * 3 / 4), math.ceil(3 * 1 / 4)]
+    with pytest.raises(ValueError, match="multiple of the number of ranks"):
+        distributed.per_rank_config(lcfg, 3)
