@@ -102,6 +102,13 @@ class EnvPool:
             self._conns.append(parent)
             self._procs.append(p)
 
+    @property
+    def local_env(self):
+        """The env of a one-env pool, stepped in this process (evaluation drives it directly)."""
+        if self._local is None:
+            raise ValueError(f"local_env needs num_envs=1, this pool has {self.num_envs} worker processes")
+        return self._local.env
+
     def reset(self) -> list[tuple[dict, str]]:
         if self._local is not None:
             return [self._local.reset()]

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from actors.env_pool import EnvPool
 from common.channels import ControlClient, DataSender, WeightSubscriber
 from common.config import run_with_config
+from common.evaluation import run_episode
 from common.policy import make_policy
 from common.protocol import Message
 from common.segment import SegmentSpec
@@ -267,27 +268,22 @@ class Actor:
                 return
 
     def run_eval(self):
-        """Deterministic episodes; success reported to the learner as eval results."""
+        """Deterministic episodes (common.evaluation, as tandem-sft evaluates), in rounds of
+        ``actor.eval_episodes``; each round's success rate goes to the learner as an eval result."""
         self.wait_for_weights()
-        k = self.policy.exec_horizon
+        env = self.pool.local_env
         env_name = "real_proxy" if self.real_proxy else "sim"
         while not self.stop:
-            version = self.version
-            successes = []
-            for _ in range(self.cfg.actor.eval_episodes):
-                (o, s), = self.pool.reset()[:1]
-                done = False
-                while not done and not self.stop:
-                    with torch.no_grad():
-                        chunk = self.policy.act(self.batch_obs([o], [s]))[0, :k].cpu().numpy()
-                    r = self.pool.run_chunks(chunk[None].astype(np.float32))[0]
-                    self.stats["env_steps"] += r.env_steps
-                    done, o, s = r.done, r.obs, r.instruction
-                    self.heartbeat()
+            version, successes = self.version, []
+            for i in range(self.cfg.actor.eval_episodes):  # the same episodes every round: comparable
+                with torch.no_grad():
+                    success, steps = run_episode(self.policy, env, int(self.cfg.actor.eval_seed) + i, self.device)
+                successes.append(float(success))
+                self.stats["env_steps"] += steps
+                self.stats["episodes"] += 1
+                self.heartbeat()
                 if self.stop:
                     return
-                successes.append(float(r.success))
-                self.stats["episodes"] += 1
             self.heartbeat(force=True, extra={"eval_env": env_name, "eval_version": version,
                                               "eval_success": float(np.mean(successes)),
                                               "eval_episodes": len(successes)})

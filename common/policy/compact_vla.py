@@ -201,19 +201,14 @@ class CompactVLA(Policy):
         obs_emb = self.encode(obs)
         chain = chain.float()
         mean, sigma = self.chain_transitions(obs_emb, chain)
-        log_prob = flow.gaussian_log_prob(chain[:, 1:], mean, sigma).double().sum((1, 2, 3)).float()
-        entropy = flow.gaussian_entropy(sigma).double().sum((1, 2, 3)).float()
+        log_prob, entropy = flow.chain_log_prob(chain, mean, sigma), flow.chain_entropy(sigma)
         return EvaluateOutput(log_prob=log_prob, value=self.value_head(obs_emb).squeeze(-1), entropy=entropy)
 
     # ----- supervised flow matching -------------------------------------------------------------
     def sft_loss(self, obs: Obs, actions: torch.Tensor, action_pad: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Mean flow-matching error over the chunk steps that ``action_pad`` does not mark."""
-        err = self.sft_errors(obs, actions, generator)
-        if action_pad is None:
-            return err.mean()
-        keep = (~action_pad.bool()).to(err.dtype)
-        return (err * keep).sum() / keep.sum().clamp_min(1.0)
+        return flow.masked_mean(self.sft_errors(obs, actions, generator), action_pad)
 
     def sft_errors(self, obs: Obs, actions: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Per-step flow-matching error [B, H]: ||v(x_t, t) - (a - noise)||^2 / 7, a normalised."""

@@ -84,3 +84,22 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) 
 def gaussian_entropy(sigma: torch.Tensor) -> torch.Tensor:
     """Element-wise entropy of N(., sigma^2): 0.5 log(2 pi e sigma^2)."""
     return 0.5 * (LOG_2PI + 1.0) + torch.log(sigma)
+
+
+def chain_log_prob(chain: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """[B]: log-density of a stored chain's K transitions (chain [B, K+1, H, A]; mean, sigma
+    [B, K, H, A]), summed in float64 so that sample and evaluate agree to float precision."""
+    return gaussian_log_prob(chain[:, 1:], mean, sigma).double().sum((1, 2, 3)).float()
+
+
+def chain_entropy(sigma: torch.Tensor) -> torch.Tensor:
+    """[B]: entropy of the K Gaussian transitions with noise levels ``sigma`` [B, K, H, A]."""
+    return gaussian_entropy(sigma).double().sum((1, 2, 3)).float()
+
+
+def masked_mean(err: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-step errors [B, H] over the steps ``pad`` [B, H] does not mark (past an episode end)."""
+    if pad is None:
+        return err.mean()
+    keep = (~pad.bool()).to(err.dtype)
+    return (err * keep).sum() / keep.sum().clamp_min(1.0)

@@ -200,19 +200,14 @@ class Pi05Policy(Policy):
         cache = self.prefix_cache(obs)
         chain = chain.float()
         mean, sigma = self.chain_transitions(cache, chain)
-        log_prob = flow.gaussian_log_prob(chain[:, 1:], mean, sigma).double().sum((1, 2, 3)).float()
-        entropy = flow.gaussian_entropy(sigma).double().sum((1, 2, 3)).float()
+        log_prob, entropy = flow.chain_log_prob(chain, mean, sigma), flow.chain_entropy(sigma)
         return EvaluateOutput(log_prob=log_prob, value=self.model.value(cache.hidden, cache.pad), entropy=entropy)
 
     # ----- supervised flow matching -------------------------------------------------------------
     def sft_loss(self, obs: Obs, actions: torch.Tensor, action_pad: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Mean flow-matching error over the chunk steps that ``action_pad`` does not mark."""
-        err = self.sft_errors(obs, actions, generator)
-        if action_pad is None:
-            return err.mean()
-        keep = (~action_pad.bool()).to(err.dtype)
-        return (err * keep).sum() / keep.sum().clamp_min(1.0)
+        return flow.masked_mean(self.sft_errors(obs, actions, generator), action_pad)
 
     def sft_errors(self, obs: Obs, actions: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Per-step flow-matching error [B, H] (one joint block-causal pass, as lerobot trains)."""

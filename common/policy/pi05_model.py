@@ -180,7 +180,8 @@ class Pi05Model(nn.Module):
         """[B,3,S,S] in [-1,1] -> [B, N_img, W_vlm]; pi0.5 does not rescale image features by
         1/sqrt(width) as stock PaliGemma's get_image_features does."""
         pg = self.paligemma_with_expert.paligemma.model
-        vm = pg.vision_tower.vision_model
+        # transformers 4.x wraps SigLIP's layers in ``.vision_model``; 5.x may not
+        vm = getattr(pg.vision_tower, "vision_model", pg.vision_tower)
         # Piecewise, so the float32 patch/position embeddings feed bf16 layers in bf16 mode.
         h = vm.embeddings(pixels.to(vm.embeddings.patch_embedding.weight.dtype))
         h = vm.encoder(inputs_embeds=h.to(vm.post_layernorm.weight.dtype)).last_hidden_state

@@ -1,0 +1,104 @@
+"""`tandem-experiment`: co-training against plain PPO against no Stage II, from one Stage I.
+
+    tandem-experiment                 # CPU scale (configs/size/cpu.yaml)
+    tandem-experiment size=gpu        # one-GPU scale
+
+Per seed, Stage II runs with co-training (``use_real_data_co_training=true``) and as plain PPO
+(``false``); every condition, Stage I's checkpoint included, gets the same final deterministic
+evaluation on the twin and on the real proxy (paired episode seeds). Writes ``experiment.md``
+(mean +- std over seeds) and ``experiment.json``, and plots the Stage II runs with tandem-report.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from common.config import run_with_config
+from common.evaluation import evaluate_policy
+from common.pipeline import Pipeline
+from common.policy import load_policy
+
+STAGE2 = {"cotrain": ["learner.use_real_data_co_training=true"],
+          "ppo": ["learner.use_real_data_co_training=false"]}
+
+
+def final_policy_dir(cond: str, pipe: Pipeline, run_dir: Path) -> Path:
+    if cond == "sft":
+        return pipe.stage1_dir / "policy"
+    ckpts = sorted((run_dir / "checkpoints").glob("ckpt-*"))
+    if not ckpts:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint")
+    return ckpts[-1] / "policy"
+
+
+def evaluate(cfg: DictConfig, policy_dir: Path, seed: int) -> dict:
+    policy = load_policy(str(policy_dir))
+    out = {}
+    for name, proxy in (("twin", False), ("real_proxy", True)):
+        r = evaluate_policy(policy, cfg.env, real_proxy=proxy, episodes=int(cfg.experiment.eval_episodes),
+                            seed=int(cfg.experiment.eval_seed) + 1000 * seed, progress=True)
+        out[name] = r["success_rate"]
+    return out
+
+
+def experiment(cfg: DictConfig, overrides: list[str]) -> int:
+    pipe = Pipeline(cfg, overrides)
+    pipe.demos()
+    pipe.stage1()
+    results: dict[str, dict[int, dict]] = {c: {} for c in cfg.experiment.conditions}
+    stage2_runs = []
+    out_file = pipe.run / "experiment.json"
+    if out_file.exists():  # a re-run continues: finished (condition, seed) pairs are kept
+        for c, per_seed in json.loads(out_file.read_text())["results"].items():
+            results.setdefault(c, {}).update({int(s): v for s, v in per_seed.items()})
+    for seed in cfg.experiment.seeds:
+        for cond in cfg.experiment.conditions:
+            run_dir = pipe.run / f"seed{seed}" / cond
+            if cond != "sft":
+                stage2_runs.append(run_dir)
+            if seed in results[cond]:
+                continue
+            if cond != "sft":
+                pipe.stage2(run_dir, [f"seed={seed}", *STAGE2[cond]], title=f"Stage II [{cond}, seed {seed}]")
+            results[cond][seed] = evaluate(cfg, final_policy_dir(cond, pipe, run_dir), seed)
+            out_file.write_text(json.dumps({"results": results}, indent=1))
+            print(f"[tandem-experiment] {cond} seed {seed}: {results[cond][seed]}", flush=True)
+    pipe.report(stage2_runs, pipe.run / "report")
+    write_table(cfg, pipe, results)
+    return 0
+
+
+def write_table(cfg: DictConfig, pipe: Pipeline, results: dict) -> None:
+    p = cfg.pipeline
+    lines = ["# Co-training experiment", "",
+             f"Scale: `{cfg.get('size_name', 'custom')}`; policy `{cfg.policy.get('preset', cfg.policy.name)}`, "
+             f"images {cfg.env.image_size}, {p.sim_demos} twin + {p.real_demos} real-proxy demos, "
+             f"Stage I {p.sft_steps} steps, Stage II {p.stage2_updates} updates x {cfg.learner.global_batch_size} "
+             f"segments with {p.num_actors} actors, reward `{cfg.env.reward_mode}`; final evaluation "
+             f"{cfg.experiment.eval_episodes} episodes per env, condition and seed "
+             f"(seeds {list(cfg.experiment.seeds)}).", "",
+             "| condition | twin success | real-proxy success | per seed (twin / real proxy) |", "|---|---|---|---|"]
+    for cond, per_seed in results.items():
+        if not per_seed:
+            continue
+        twin = np.array([v["twin"] for v in per_seed.values()])
+        real = np.array([v["real_proxy"] for v in per_seed.values()])
+        seeds = ", ".join(f"{v['twin']:.2f} / {v['real_proxy']:.2f}" for _, v in sorted(per_seed.items()))
+        lines.append(f"| {cond} | {twin.mean():.2f} +- {twin.std():.2f} | {real.mean():.2f} +- {real.std():.2f} | {seeds} |")
+    lines += ["", f"Curves: [report]({pipe.run / 'report' / 'report.md'})"]
+    (pipe.run / "experiment.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run_with_config(lambda cfg: experiment(cfg, [a for a in args if a != "--cfg"]),
+                           config_name="cotrain_experiment", argv=args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
