@@ -184,18 +184,11 @@ class CompactVLA(Policy):
     def sample(self, obs: Obs, generator: Optional[torch.Generator] = None) -> SampleOutput:
         obs_emb = self.encode(obs)
         B = obs_emb.shape[0]
-        x = self._noise(B, obs_emb, generator)
-        # float64 sums: a sum of K*H*7 float32 terms would otherwise differ between the
-        # step-by-step and the batched (evaluate) computation by a few float32 ulps.
-        chain, log_prob = [x], torch.zeros(B, dtype=torch.float64, device=x.device)
-        for k in range(self.num_denoise_steps):
-            mean, sigma = self.transition(x, torch.full((B,), k, device=x.device), obs_emb)
-            x = mean + sigma * self._noise(B, obs_emb, generator)
-            log_prob = log_prob + flow.gaussian_log_prob(x, mean, sigma).double().sum((1, 2))
-            chain.append(x)
-        value = self.value_head(obs_emb).squeeze(-1)
-        return SampleOutput(actions=self._to_env(x), chain=torch.stack(chain, 1), log_prob=log_prob.float(),
-                            value=value)
+        chain, log_prob = flow.sample_chain(self._noise(B, obs_emb, generator), self.num_denoise_steps,
+                                            lambda x, step: self.transition(x, step, obs_emb),
+                                            lambda: self._noise(B, obs_emb, generator))
+        return SampleOutput(actions=self._to_env(chain[:, -1]), chain=chain, log_prob=log_prob,
+                            value=self.value_head(obs_emb).squeeze(-1))
 
     def evaluate(self, obs: Obs, chain: torch.Tensor) -> EvaluateOutput:
         obs_emb = self.encode(obs)

@@ -103,3 +103,20 @@ def masked_mean(err: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         return err.mean()
     keep = (~pad.bool()).to(err.dtype)
     return (err * keep).sum() / keep.sum().clamp_min(1.0)
+
+
+def sample_chain(x0: torch.Tensor, num_steps: int, transition, noise) -> tuple[torch.Tensor, torch.Tensor]:
+    """K stochastic Euler steps x_{k+1} ~ N(mean_k, sigma_k^2) from ``x0`` [B, H, A].
+
+    ``transition(x, step)`` gives (mean, sigma) of step ``step`` [B]; ``noise()`` a fresh standard
+    normal draw like ``x0``. Returns the chain [B, K+1, H, A] and its log-probability [B], summed
+    in float64 so that it equals ``chain_log_prob`` of the same chain (the batched evaluation)."""
+    B = x0.shape[0]
+    x, chain = x0, [x0]
+    log_prob = torch.zeros(B, dtype=torch.float64, device=x0.device)
+    for k in range(num_steps):
+        mean, sigma = transition(x, torch.full((B,), k, device=x0.device))
+        x = mean + sigma * noise()
+        log_prob = log_prob + gaussian_log_prob(x, mean, sigma).double().sum((1, 2))
+        chain.append(x)
+    return torch.stack(chain, 1), log_prob.float()

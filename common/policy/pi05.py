@@ -179,22 +179,16 @@ class Pi05Policy(Policy):
         if not self.cfg["kv_cache"]:  # every step below recomputes the prefix in a joint pass
             embs, pad = self.prefix_inputs(obs)
         B = cache.pad.shape[0]
-        x = self._noise(B, generator)
-        # float64 sums, as the compact backend: step-by-step and batched sums then agree.
-        chain, log_prob = [x], torch.zeros(B, dtype=torch.float64, device=x.device)
-        for k in range(self.num_denoise_steps):
-            step = torch.full((B,), k, device=x.device)
+        def transition(x, step):
             if self.cfg["kv_cache"]:
-                mean, sigma = self.transition(x, step, cache)
-            else:
-                mean, sigma = self._mean_sigma(x, *self.velocity_joint(x, step.float() / self.num_denoise_steps,
-                                                                       embs, pad), step)
-            x = mean + sigma * self._noise(B, generator)
-            log_prob = log_prob + flow.gaussian_log_prob(x, mean, sigma).double().sum((1, 2))
-            chain.append(x)
-        value = self.model.value(cache.hidden, cache.pad)
-        return SampleOutput(actions=self._to_env(x), chain=torch.stack(chain, 1), log_prob=log_prob.float(),
-                            value=value)
+                return self.transition(x, step, cache)
+            t = step.float() / self.num_denoise_steps
+            return self._mean_sigma(x, *self.velocity_joint(x, t, embs, pad), step)
+
+        chain, log_prob = flow.sample_chain(self._noise(B, generator), self.num_denoise_steps, transition,
+                                            lambda: self._noise(B, generator))
+        return SampleOutput(actions=self._to_env(chain[:, -1]), chain=chain, log_prob=log_prob,
+                            value=self.model.value(cache.hidden, cache.pad))
 
     def evaluate(self, obs: Obs, chain: torch.Tensor) -> EvaluateOutput:
         cache = self.prefix_cache(obs)
