@@ -277,7 +277,7 @@ class Actor:
             version, successes = self.version, []
             for i in range(self.cfg.actor.eval_episodes):  # the same episodes every round: comparable
                 with torch.no_grad():
-                    success, steps = run_episode(self.policy, env, int(self.cfg.actor.eval_seed) + i, self.device)
+                    success, steps, _ = run_episode(self.policy, env, int(self.cfg.actor.eval_seed) + i, self.device)
                 successes.append(float(success))
                 self.stats["env_steps"] += steps
                 self.stats["episodes"] += 1

@@ -7,6 +7,10 @@ Per seed, Stage II runs with co-training (``use_real_data_co_training=true``) an
 (``false``); every condition, Stage I's checkpoint included, gets the same final deterministic
 evaluation on the twin and on the real proxy (paired episode seeds). Writes ``experiment.md``
 (mean +- std over seeds) and ``experiment.json``, and plots the Stage II runs with tandem-report.
+
+Besides success, two measures that move before success does: the mean episode return on each
+env (``env.reward_mode``, dense at the CPU scale), and the flow-matching (SFT) loss on held-out
+real-proxy demonstrations, i.e. how much of what the real data taught is kept.
 """
 from __future__ import annotations
 
@@ -15,12 +19,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from common.config import run_with_config
 from common.evaluation import evaluate_policy
-from common.pipeline import Pipeline
+from common.pipeline import PY, Pipeline, run_stage
 from common.policy import load_policy
+from learner.cotrain import sft_inputs
+from learner.real_replay import RealReplay
 
 STAGE2 = {"cotrain": ["learner.use_real_data_co_training=true"],
           "ppo": ["learner.use_real_data_co_training=false"]}
@@ -35,13 +42,26 @@ def final_policy_dir(cond: str, pipe: Pipeline, run_dir: Path) -> Path:
     return ckpts[-1] / "policy"
 
 
-def evaluate(cfg: DictConfig, policy_dir: Path, seed: int) -> dict:
+@torch.no_grad()
+def heldout_sft_loss(policy, replay: RealReplay, cfg: DictConfig) -> float:
+    """Mean SFT loss on fixed batches of held-out real demos (same batches and noise for every policy)."""
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(int(cfg.experiment.heldout_batches)):
+        obs, actions, pad = sft_inputs(policy, replay.sample(int(cfg.experiment.heldout_batch_size),
+                                                             policy.chunk_size, rng), policy.device)
+        losses.append(float(policy.sft_loss(obs, actions, pad, generator=gen)))
+    return float(np.mean(losses))
+
+
+def evaluate(cfg: DictConfig, policy_dir: Path, seed: int, heldout: RealReplay) -> dict:
     policy = load_policy(str(policy_dir))
-    out = {}
+    out = {"heldout_real_sft_loss": heldout_sft_loss(policy, heldout, cfg)}
     for name, proxy in (("twin", False), ("real_proxy", True)):
         r = evaluate_policy(policy, cfg.env, real_proxy=proxy, episodes=int(cfg.experiment.eval_episodes),
                             seed=int(cfg.experiment.eval_seed) + 1000 * seed, progress=True)
         out[name] = r["success_rate"]
+        out[f"{name}_return"] = r["mean_return"]
     return out
 
 
@@ -49,6 +69,13 @@ def experiment(cfg: DictConfig, overrides: list[str]) -> int:
     pipe = Pipeline(cfg, overrides)
     pipe.demos()
     pipe.stage1()
+    heldout_dir = pipe.run / "data" / "real_heldout"
+    if not (heldout_dir / "meta" / "info.json").exists():
+        run_stage("held-out real-proxy demonstrations (never trained on)",
+                  [PY, "-m", "common.twin.demos", f"out={heldout_dir}", f"episodes={cfg.experiment.heldout_episodes}",
+                   "env=real_proxy", f"image_size={cfg.env.image_size}", "repo_id=local/real_heldout",
+                   f"seed={cfg.experiment.heldout_seed}"])
+    heldout = RealReplay([{"repo_id": "local/real_heldout", "root": str(heldout_dir)}])
     results: dict[str, dict[int, dict]] = {c: {} for c in cfg.experiment.conditions}
     stage2_runs = []
     out_file = pipe.run / "experiment.json"
@@ -64,7 +91,7 @@ def experiment(cfg: DictConfig, overrides: list[str]) -> int:
                 continue
             if cond != "sft":
                 pipe.stage2(run_dir, [f"seed={seed}", *STAGE2[cond]], title=f"Stage II [{cond}, seed {seed}]")
-            results[cond][seed] = evaluate(cfg, final_policy_dir(cond, pipe, run_dir), seed)
+            results[cond][seed] = evaluate(cfg, final_policy_dir(cond, pipe, run_dir), seed, heldout)
             out_file.write_text(json.dumps({"results": results}, indent=1))
             print(f"[tandem-experiment] {cond} seed {seed}: {results[cond][seed]}", flush=True)
     pipe.report(stage2_runs, pipe.run / "report")
@@ -81,14 +108,18 @@ def write_table(cfg: DictConfig, pipe: Pipeline, results: dict) -> None:
              f"segments with {p.num_actors} actors, reward `{cfg.env.reward_mode}`; final evaluation "
              f"{cfg.experiment.eval_episodes} episodes per env, condition and seed "
              f"(seeds {list(cfg.experiment.seeds)}).", "",
-             "| condition | twin success | real-proxy success | per seed (twin / real proxy) |", "|---|---|---|---|"]
+             "| condition | twin success | real-proxy success | twin return | real-proxy return | held-out real SFT loss |",
+             "|---|---|---|---|---|---|"]
+    keys = ("twin", "real_proxy", "twin_return", "real_proxy_return", "heldout_real_sft_loss")
     for cond, per_seed in results.items():
         if not per_seed:
             continue
-        twin = np.array([v["twin"] for v in per_seed.values()])
-        real = np.array([v["real_proxy"] for v in per_seed.values()])
-        seeds = ", ".join(f"{v['twin']:.2f} / {v['real_proxy']:.2f}" for _, v in sorted(per_seed.items()))
-        lines.append(f"| {cond} | {twin.mean():.2f} +- {twin.std():.2f} | {real.mean():.2f} +- {real.std():.2f} | {seeds} |")
+        cells = []
+        for key in keys:
+            v = np.array([r[key] for r in per_seed.values() if key in r])
+            cells.append(f"{v.mean():.3f} +- {v.std():.3f}" if v.size else "-")
+        lines.append(f"| {cond} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean +- std over seeds; per seed in `experiment.json`."]
     lines += ["", f"Curves: [report]({pipe.run / 'report' / 'report.md'})"]
     (pipe.run / "experiment.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
