@@ -63,7 +63,9 @@ class Pipeline:
             run_stage("collector demonstrations on the real proxy (simulated robot, scripted teleop)",
                       [PY, "-m", "realrobot.collector", f"run_dir={self.run / 'collect'}", *self.env, *self.shared,
                        "teleop=scripted", "collect.prompt.type=auto", f"collect.num_episodes={self.p.real_demos}",
-                       "collect.push=false", f"collect.root={self.real_demos}", "robot.pace=false"])
+                       "collect.push=false", f"collect.root={self.real_demos}",
+                       # a simulated robot needs no real-time pacing
+                       "robot.pace=false", f"robot.safety.max_rate_hz={self.p.sim_robot_max_rate_hz}"])
 
     def stage1(self) -> None:
         if self._done(self.stage1_dir / "policy"):
