@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from common.channels import ControlClient  # noqa: E402
 from common.protocol import Message  # noqa: E402
-from common.synthetic import DEFAULT_IMAGE_SIZE, spec_from_config  # noqa: E402
+from common.synthetic import DEFAULT_IMAGE_SIZE, poll_until, spec_from_config  # noqa: E402
 
 log = logging.getLogger("tandem.faults")
 
@@ -282,14 +282,6 @@ class Cluster:
                     p.kill()
 
 
-def wait_for(pred, timeout_s: float, poll_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(poll_s)
-    return None
 
 
 def recovered(cluster: Cluster, victim: str, baseline: dict | None):
@@ -320,7 +312,7 @@ def orchestrate(args) -> dict:
     try:
         for n in names:
             cluster.start(n)
-        if not wait_for(lambda: recovered(cluster, "learner", None), args.recovery_timeout):
+        if not poll_until(lambda: recovered(cluster, "learner", None), args.recovery_timeout, 0.1):
             raise RuntimeError("the system did not start")
         # each kind of victim at least once, then at random
         kinds = ["learner", "collector", "actor"]
@@ -334,7 +326,7 @@ def orchestrate(args) -> dict:
             baseline = cluster.status() if victim != "learner" else None
             t_restart = time.monotonic()
             cluster.start(victim)
-            if wait_for(lambda: recovered(cluster, victim, baseline), args.recovery_timeout):
+            if poll_until(lambda: recovered(cluster, victim, baseline), args.recovery_timeout, 0.1):
                 recoveries[kind].append(round(time.monotonic() - t_restart, 2))
             else:
                 failures.append(f"{victim} did not recover within {args.recovery_timeout}s")
@@ -343,7 +335,7 @@ def orchestrate(args) -> dict:
         box = Outbox(work / "outbox")
         cluster.procs["collector"].send_signal(signal.SIGTERM)
         cluster.procs["collector"].wait(60)
-        if not wait_for(lambda: not box.pending() and not box.unacked(), args.recovery_timeout, 0.25):
+        if not poll_until(lambda: not box.pending() and not box.unacked(), args.recovery_timeout, 0.25):
             failures.append(f"outbox not drained: {len(box.pending())} pending, {len(box.unacked())} unacked")
     finally:
         cluster.stop_all()

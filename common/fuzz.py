@@ -46,7 +46,7 @@ from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, Episode, Episo
 from common.protocol import KINDS, PROTOCOL_VERSION, Limits, Message, ProtocolError, decode, encode
 from common.segment import SegmentSpec
 from common.shm_ring import RING_NAME, ShmRingReader, ShmRingWriter
-from common.synthetic import DEFAULT_IMAGE_SIZE, SyntheticActor, spec_from_config
+from common.synthetic import DEFAULT_IMAGE_SIZE, SyntheticActor, poll_until, spec_from_config
 
 log = logging.getLogger("tandem.fuzz")
 
@@ -430,14 +430,6 @@ def spawn_learner(workdir: Path, overrides: list[str]) -> tuple[subprocess.Popen
     return proc, eps
 
 
-def _wait(pred, timeout_s: float, poll_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(poll_s)
-    return None
 
 
 def run_fuzz(messages: int, cfg, data_endpoint: str, control_endpoint: str, seed: int = 0,
@@ -462,7 +454,7 @@ def run_fuzz(messages: int, cfg, data_endpoint: str, control_endpoint: str, seed
     t0 = time.monotonic()
     try:
         # The good stream first: the learner attaches its ring and trains before any fuzz.
-        first = _wait(lambda: (r := learner_status(control_endpoint)) and r.meta["updates"] > 0 and r, 120)
+        first = poll_until(lambda: (r := learner_status(control_endpoint)) and r.meta["updates"] > 0 and r, 120)
         if first is None:
             raise RuntimeError("the learner did not start training on the good stream")
         before = first.meta["dropped"]
@@ -495,11 +487,11 @@ def run_fuzz(messages: int, cfg, data_endpoint: str, control_endpoint: str, seed
             done = all(obs.get(k, 0) >= v for k, v in report.expected.items())
             return (r, obs) if done else None
 
-        got = _wait(settled, settle_timeout_s)
+        got = poll_until(settled, settle_timeout_s)
         time.sleep(0.5)  # then one more read, so late extra counts would show as mismatches
         last = learner_status(control_endpoint)
         # and the good stream must still train after the fuzz
-        after = _wait(lambda: (r := learner_status(control_endpoint)) and r.meta["updates"] > (
+        after = poll_until(lambda: (r := learner_status(control_endpoint)) and r.meta["updates"] > (
             last.meta["updates"] if last else report.updates_before) and r, 60)
         final = after or last
         report.learner_alive = alive() and final is not None

@@ -195,3 +195,14 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def poll_until(pred, timeout_s: float, poll_s: float = 0.25):
+    """``pred()``'s first truthy value within ``timeout_s``, else None (benchmarks and fuzzing)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll_s)
+    return None

@@ -49,6 +49,21 @@ class Policy(nn.Module, abc.ABC):
     num_denoise_steps: int  # K
     action_dim: int = 7
 
+    def _init_flow_fields(self, cfg: dict) -> None:
+        """Chunking, denoising-noise and flow-time fields every flow-matching backend reads from
+        its config, validated once here."""
+        self.chunk_size, self.exec_horizon = cfg["chunk_size"], cfg["exec_horizon"]
+        self.num_denoise_steps, self.action_dim = cfg["num_denoise_steps"], cfg["action_dim"]
+        self.token_len, self.state_dim, self.image_size = cfg["token_len"], cfg["state_dim"], cfg["image_size"]
+        if not 1 <= self.exec_horizon <= self.chunk_size:
+            raise ValueError(f"exec_horizon {self.exec_horizon} must lie in [1, chunk_size={self.chunk_size}]")
+        noise = cfg["noise"]
+        self.noise_mode, self.sigma_min, self.sigma_max = noise["mode"], noise["sigma_min"], noise["sigma_max"]
+        if self.noise_mode not in ("learned", "scheduled") or not 0 < self.sigma_min <= self.sigma_max:
+            raise ValueError(f"bad noise config {noise} (mode learned|scheduled, 0 < sigma_min <= sigma_max)")
+        self.action_clip = cfg.get("action_clip")
+        self.time_cfg = cfg["time_sampling"]
+
     @abc.abstractmethod
     def tokenize(self, instructions: list[str]) -> torch.Tensor:
         """Instruction strings -> int64 [B, L] token ids (0 = padding)."""

@@ -114,17 +114,7 @@ class CompactVLA(Policy):
         super().__init__()
         self.cfg = json.loads(json.dumps(plain_dict(cfg)))  # plain, JSON-serialisable copy
         cfg = self.cfg
-        self.chunk_size, self.exec_horizon = cfg["chunk_size"], cfg["exec_horizon"]
-        self.num_denoise_steps, self.action_dim = cfg["num_denoise_steps"], cfg["action_dim"]
-        self.token_len, self.state_dim, self.image_size = cfg["token_len"], cfg["state_dim"], cfg["image_size"]
-        if not 1 <= self.exec_horizon <= self.chunk_size:
-            raise ValueError(f"exec_horizon {self.exec_horizon} must lie in [1, chunk_size={self.chunk_size}]")
-        noise = cfg["noise"]
-        self.noise_mode, self.sigma_min, self.sigma_max = noise["mode"], noise["sigma_min"], noise["sigma_max"]
-        if self.noise_mode not in ("learned", "scheduled") or not 0 < self.sigma_min <= self.sigma_max:
-            raise ValueError(f"bad noise config {noise} (mode learned|scheduled, 0 < sigma_min <= sigma_max)")
-        self.action_clip = cfg.get("action_clip")
-        self.time_cfg = cfg["time_sampling"]
+        self._init_flow_fields(cfg)
 
         self.tokenizer = make_tokenizer(cfg["vocab"], self.token_len)
         self.normalizer = Normalizer.from_lerobot_stats(stats, self.action_dim, self.state_dim, cfg["norm_eps"])
@@ -135,7 +125,7 @@ class CompactVLA(Policy):
         if self.noise_mode == "learned":
             nn.init.zeros_(self.expert.noise_out.weight)
             nn.init.constant_(self.expert.noise_out.bias,
-                              flow.inverse_bounded_sigma(noise["sigma_init"], self.sigma_min, self.sigma_max))
+                              flow.inverse_bounded_sigma(cfg["noise"]["sigma_init"], self.sigma_min, self.sigma_max))
         # Derived from the config, so not part of the weights.
         self.register_buffer("sigma_schedule", flow.scheduled_sigma(self.num_denoise_steps, self.sigma_min,
                                                                     self.sigma_max), persistent=False)

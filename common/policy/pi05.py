@@ -71,19 +71,9 @@ class Pi05Policy(Policy):
         super().__init__()
         self.cfg = json.loads(json.dumps(plain_dict(cfg)))
         cfg = self.cfg
-        self.chunk_size, self.exec_horizon = cfg["chunk_size"], cfg["exec_horizon"]
-        self.num_denoise_steps, self.action_dim = cfg["num_denoise_steps"], cfg["action_dim"]
-        self.token_len, self.state_dim, self.image_size = cfg["token_len"], cfg["state_dim"], cfg["image_size"]
-        if not 1 <= self.exec_horizon <= self.chunk_size:
-            raise ValueError(f"exec_horizon {self.exec_horizon} must lie in [1, chunk_size={self.chunk_size}]")
+        self._init_flow_fields(cfg)
         if self.action_dim > cfg["max_action_dim"]:
             raise ValueError(f"action_dim {self.action_dim} > max_action_dim {cfg['max_action_dim']}")
-        noise = cfg["noise"]
-        self.noise_mode, self.sigma_min, self.sigma_max = noise["mode"], noise["sigma_min"], noise["sigma_max"]
-        if self.noise_mode not in ("learned", "scheduled") or not 0 < self.sigma_min <= self.sigma_max:
-            raise ValueError(f"bad noise config {noise} (mode learned|scheduled, 0 < sigma_min <= sigma_max)")
-        self.action_clip = cfg.get("action_clip")
-        self.time_cfg = cfg["time_sampling"]
         if not cfg.get("tokenizer"):
             raise ValueError("pi05 needs `tokenizer`: a local PaliGemma tokenizer folder")
 
@@ -101,7 +91,7 @@ class Pi05Policy(Policy):
         if self.noise_mode == "learned":
             torch.nn.init.zeros_(self.model.noise_head.weight)
             torch.nn.init.constant_(self.model.noise_head.bias,
-                                    flow.inverse_bounded_sigma(noise["sigma_init"], self.sigma_min, self.sigma_max))
+                                    flow.inverse_bounded_sigma(cfg["noise"]["sigma_init"], self.sigma_min, self.sigma_max))
         self.register_buffer("sigma_schedule", flow.scheduled_sigma(self.num_denoise_steps, self.sigma_min,
                                                                     self.sigma_max), persistent=False)
         if cfg.get("checkpoint"):
