@@ -14,6 +14,7 @@ from learner.batcher import Batcher
 from learner.cotrain import cotrain_loss, loss_ratio, make_optimizer, reduce_stats, sft_inputs, train_step
 from learner.metrics import LossRatioMonitor, MetricsWriter
 from learner.ppo import ppo_loss
+from numeric import assert_close_to_norm, relative_error
 
 T, IMAGE_HW = 3, (16, 16)
 torch.set_num_threads(1)
@@ -161,7 +162,9 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient():
         optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
         train_step(policy, optimizer, sim, c)
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert_close_to_norm(grads[1], grads[0], rel=1e-4)
+    # a missing share factor (4 micro-batches summed, not averaged) would be a 300% error
+    assert relative_error(4 * grads[1], grads[0]) > 1.0
 
 
 def test_optimisation_steps_reduce_the_co_training_loss(cfg):
