@@ -75,3 +75,166 @@ def evaluate_policy(policy, env_cfg: Any, *, real_proxy: bool, episodes: int, se
             "mean_return": float(np.mean(returns)) if returns else 0.0,
             "successes": successes,
             "lengths": lengths}
+
+
+# ----- parallel evaluation (tandem-eval) --------------------------------------------------------
+ENV_NAMES = {"twin": False, "real_proxy": True}  # env name -> real_proxy flag
+ENV_OVERRIDES_FILE = "env_overrides.json"  # next to a shipped policy: the env overrides it must be evaluated with
+
+
+def policy_env_overrides(policy_dir: str) -> list[str]:
+    """The Hydra overrides stored beside a policy (``env_overrides.json``), [] when there are none."""
+    import json
+    import os
+
+    path = os.path.join(policy_dir, ENV_OVERRIDES_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        overrides = json.load(f)
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ValueError(f"{path} must hold a JSON list of Hydra override strings, got {overrides!r}")
+    return overrides
+
+
+def shape_of(instruction: str, shape_nouns: dict) -> str:
+    """The object shape an instruction names ("put the red ball into the bowl" -> "sphere")."""
+    words = instruction.lower().split()
+    return next((shape for shape, noun in shape_nouns.items() if noun in words), "unknown")
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(extra_overrides: list[str], device: str, threads: int) -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+    _WORKER.update(extra=list(extra_overrides), device=device, policies={}, envs={})
+
+
+def _worker_episode(task: tuple[str, str, int]) -> dict:
+    """One deterministic episode of (policy directory, env name, seed); policies and envs are
+    built once per worker and reused."""
+    from common.config import load_config
+    from common.policy import load_policy
+    from common.twin import make_env
+
+    policy_dir, env_name, seed = task
+    if policy_dir not in _WORKER["policies"]:
+        _WORKER["policies"][policy_dir] = load_policy(policy_dir, map_location=_WORKER["device"]).eval()
+    overrides = (*policy_env_overrides(policy_dir), *_WORKER["extra"])
+    key = (overrides, env_name)
+    if key not in _WORKER["envs"]:
+        _WORKER["envs"][key] = make_env(load_config("config", list(overrides)).env, real_proxy=ENV_NAMES[env_name],
+                                        obs_mode="rgb")
+    env = _WORKER["envs"][key]
+    with torch.no_grad():
+        success, length, episode_return = run_episode(_WORKER["policies"][policy_dir], env, seed, _WORKER["device"])
+    return {"policy": policy_dir, "env": env_name, "seed": seed, "success": success, "length": length,
+            "return": episode_return, "shape": shape_of(env.instruction, env.cfg["object"]["shapes"])}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate."""
+    if n == 0:
+        return 0.0, 0.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def summarize(episodes: list[dict]) -> dict:
+    """Per env: success rate, its 95 % interval, mean length and return, success per object shape."""
+    out = {}
+    for env_name in sorted({e["env"] for e in episodes}):
+        eps = [e for e in episodes if e["env"] == env_name]
+        wins = sum(e["success"] for e in eps)
+        shapes = {}
+        for shape in sorted({e["shape"] for e in eps}):
+            s = [e["success"] for e in eps if e["shape"] == shape]
+            shapes[shape] = {"success": float(np.mean(s)), "episodes": len(s)}
+        out[env_name] = {"success": wins / len(eps), "ci95": wilson_interval(wins, len(eps)), "episodes": len(eps),
+                         "mean_length": float(np.mean([e["length"] for e in eps])),
+                         "mean_return": float(np.mean([e["return"] for e in eps])), "per_shape": shapes}
+    return out
+
+
+def evaluate_parallel(jobs: list[tuple[str, list[str], list[int]]], workers: int, device: str = "cpu",
+                      overrides: list[str] = (), threads: int = 1, progress: bool = True) -> dict:
+    """Deterministic episodes for every (policy directory, envs, seeds) job, spread over ``workers``
+    processes that build each policy and env once. Each policy is evaluated with its
+    ``env_overrides.json`` plus ``overrides``. Returns {policy_dir: {"summary", "episodes"}}."""
+    import multiprocessing as mp
+
+    for _, envs, _ in jobs:
+        unknown = [e for e in envs if e not in ENV_NAMES]
+        if unknown:
+            raise ValueError(f"unknown envs {unknown}: choose from {sorted(ENV_NAMES)}")
+    tasks = [(d, env, seed) for d, envs, seeds in jobs for env in envs for seed in seeds]
+    results: list[dict] = []
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(max(1, min(workers, len(tasks))), _worker_init, (list(overrides), device, threads)) as pool:
+        bar = tqdm(total=len(tasks), desc="tandem-eval", unit="ep", disable=not progress)
+        for r in pool.imap_unordered(_worker_episode, tasks, chunksize=1):
+            results.append(r)
+            bar.update(1)
+            bar.set_postfix(success=f"{np.mean([x['success'] for x in results]):.2f}")
+        bar.close()
+    out = {}
+    for d, _, _ in jobs:
+        eps = sorted((r for r in results if r["policy"] == d), key=lambda r: (r["env"], r["seed"]))
+        out[d] = {"summary": summarize(eps), "episodes": eps, "overrides": [*policy_env_overrides(d), *overrides]}
+    return out
+
+
+def format_table(summary: dict) -> str:
+    lines = ["| env | success | 95% CI | episodes | mean length | per shape |", "|---|---|---|---|---|---|"]
+    for env_name, s in summary.items():
+        shapes = ", ".join(f"{k} {v['success']:.2f} ({v['episodes']})" for k, v in s["per_shape"].items())
+        lines.append(f"| {env_name} | {s['success']:.3f} | {s['ci95'][0]:.2f}-{s['ci95'][1]:.2f} | {s['episodes']} | "
+                     f"{s['mean_length']:.1f} | {shapes} |")
+    return "\n".join(lines)
+
+
+def parse_seeds(specs: list[str]) -> list[int]:
+    """["100000:100100", "5"] -> [100000, ..., 100099, 5] (half-open ranges or single seeds)."""
+    seeds = []
+    for spec in specs:
+        lo, sep, hi = spec.partition(":")
+        seeds += list(range(int(lo), int(hi))) if sep else [int(lo)]
+    return seeds
+
+
+def main(argv=None) -> int:
+    """tandem-eval --policy DIR [--envs twin real_proxy] [--seeds 100000:100100] [--workers N] [--out FILE]"""
+    import argparse
+    import json
+    import os
+
+    ap = argparse.ArgumentParser(description="Parallel deterministic evaluation of a saved policy on the twin "
+                                             "and the real proxy (held-out seeds by default).")
+    ap.add_argument("--policy", required=True, help="a policy.save directory (its env_overrides.json is applied)")
+    ap.add_argument("--envs", nargs="+", default=list(ENV_NAMES))
+    ap.add_argument("--seeds", nargs="+", default=["100000:100100"],
+                    help="half-open ranges a:b or single seeds; demos use seeds from 0 (workers: blocks of 1000)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--out", default=None, help="write the JSON result here")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra env overrides, e.g. env.max_episode_steps=100")
+    args = ap.parse_args(argv)
+    result = evaluate_parallel([(args.policy, args.envs, parse_seeds(args.seeds))], args.workers, args.device,
+                               args.overrides, args.threads)[args.policy]
+    print(format_table(result["summary"]))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -37,6 +37,8 @@ def sft_inputs(policy, real_batch: dict, device) -> tuple[dict, torch.Tensor, to
         "tokens": policy.tokenize(list(real_batch["task"])).to(device),
         "state": state if state.shape[-1] > 0 else None,
     }
+    if "privileged" in real_batch:
+        obs["privileged"] = torch.as_tensor(real_batch["privileged"], device=device)
     return (obs, torch.as_tensor(real_batch["actions"], device=device),
             torch.as_tensor(real_batch["action_pad"], device=device))
 

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 IMAGE, STATE, ACTION = "observation.image", "observation.state", "action"
 OUR_KEYS = (IMAGE, STATE, ACTION)
+# optional: simulator labels (object and bowl positions) of sim demos, for the policy's auxiliary loss
+PRIVILEGED = "observation.environment_state"
 
 
 @dataclass
@@ -45,6 +47,7 @@ class ReplaySource:
     episode_end: np.ndarray  # int64 [N]: exclusive end (within this source) of each frame's episode
     tasks: list[str] = field(default_factory=list)
     num_episodes: int = 0
+    privileged: Optional[np.ndarray] = None  # float32 [N, P] simulator labels, None for real data
 
     @property
     def num_frames(self) -> int:
@@ -54,12 +57,38 @@ class ReplaySource:
         if task not in self.tasks:
             self.tasks.append(task)
         n, start = len(action), self.num_frames
+        if self.privileged is not None:
+            self.privileged = np.concatenate([self.privileged, np.full((n, self.privileged.shape[1]), np.nan, np.float32)])
         self.image = np.concatenate([self.image, image])
         self.state = np.concatenate([self.state, state])
         self.action = np.concatenate([self.action, action])
         self.task_index = np.concatenate([self.task_index, np.full(n, self.tasks.index(task), np.int64)])
         self.episode_end = np.concatenate([self.episode_end, np.full(n, start + n, np.int64)])
         self.num_episodes += 1
+
+
+def split_last_episodes(src: ReplaySource, num_val: int) -> tuple[ReplaySource, ReplaySource]:
+    """(train, validation) views of ``src``: its last ``num_val`` episodes held out."""
+    ends = np.unique(src.episode_end)
+    if num_val <= 0 or len(ends) <= num_val:
+        raise ValueError(f"{src.name}: cannot hold out {num_val} of {len(ends)} episodes")
+    cut = int(ends[-num_val - 1])
+
+    def part(lo: int, hi: int, name: str, episodes: int) -> ReplaySource:
+        return ReplaySource(name, src.weight, src.image[lo:hi], src.state[lo:hi], src.action[lo:hi],
+                            src.task_index[lo:hi], src.episode_end[lo:hi] - lo, list(src.tasks), episodes,
+                            None if src.privileged is None else src.privileged[lo:hi])
+
+    return part(0, cut, src.name, len(ends) - num_val), part(cut, src.num_frames, f"{src.name}/val", num_val)
+
+
+def first_episodes(src: ReplaySource, max_episodes: Optional[int]) -> ReplaySource:
+    """``src`` cut to its first ``max_episodes`` episodes (None or more than it holds: unchanged)."""
+    if max_episodes is None or src.num_episodes <= int(max_episodes):
+        return src
+    if int(max_episodes) < 1:
+        raise ValueError(f"{src.name}: max_episodes must be >= 1, got {max_episodes}")
+    return split_last_episodes(src, src.num_episodes - int(max_episodes))[0]
 
 
 def _empty_source(name: str, weight: float, image_hw=(0, 0), state_dim: int = 0, action_dim: int = 7) -> ReplaySource:
@@ -87,10 +116,45 @@ def _decode_video_column(ds, key: str, episode_index: np.ndarray, timestamps: np
     return np.concatenate(frames)
 
 
+def dataset_parts(root: str | Path) -> list[Path]:
+    """``[root]`` for a LeRobot dataset, or its ``part_*`` datasets for a folder of parts (the
+    output of ``common.twin.demos workers=N``)."""
+    root = Path(root)
+    if (root / "meta" / "info.json").exists():
+        return [root]
+    parts = sorted(p for p in root.glob("part_*") if (p / "meta" / "info.json").exists())
+    if not parts:
+        raise FileNotFoundError(f"no LeRobot dataset at {root} (nor part_*/ datasets under it)")
+    return parts
+
+
+def merge_sources(name: str, weight: float, parts: Sequence[ReplaySource]) -> ReplaySource:
+    """One source from several (frames concatenated, episode ends and task ids re-based)."""
+    if len(parts) == 1:
+        return parts[0]
+    tasks = sorted({t for p in parts for t in p.tasks})
+    offsets = np.cumsum([0] + [p.num_frames for p in parts[:-1]])
+    labelled = all(p.privileged is not None for p in parts)
+    return ReplaySource(
+        name, float(weight), np.concatenate([p.image for p in parts]), np.concatenate([p.state for p in parts]),
+        np.concatenate([p.action for p in parts]),
+        np.concatenate([np.array([tasks.index(p.tasks[i]) for i in p.task_index], np.int64) for p in parts]),
+        np.concatenate([p.episode_end + o for p, o in zip(parts, offsets)]), tasks,
+        sum(p.num_episodes for p in parts),
+        np.concatenate([p.privileged for p in parts]) if labelled else None)
+
+
 def load_lerobot_source(name: str, repo_id: str, root: str | Path, weight: float = 1.0,
                         key_map: Optional[Mapping[str, str]] = None) -> ReplaySource:
-    """Read a whole LeRobot dataset into memory under our keys. ``key_map``: dataset key -> our key
-    (our keys present in the dataset under their own name need no entry)."""
+    """Read a whole LeRobot dataset (or a folder of ``part_*`` datasets) into memory under our keys.
+    ``key_map``: dataset key -> our key (our keys present in the dataset under their own name need no entry)."""
+    parts = dataset_parts(root)
+    if len(parts) > 1:
+        return merge_sources(name, weight, [_load_one(name, repo_id, p, weight, key_map) for p in parts])
+    return _load_one(name, repo_id, parts[0], weight, key_map)
+
+
+def _load_one(name: str, repo_id: str, root: Path, weight: float, key_map: Optional[Mapping[str, str]]) -> ReplaySource:
     ds = _open_lerobot(repo_id, root)
     ours_to_theirs = {k: k for k in OUR_KEYS if k in ds.features}
     ours_to_theirs.update({ours: theirs for theirs, ours in (key_map or {}).items()})
@@ -101,6 +165,9 @@ def load_lerobot_source(name: str, repo_id: str, root: str | Path, weight: float
     image_key = ours_to_theirs[IMAGE]
     is_video = ds.features[image_key]["dtype"] == "video"
     columns = ["index", "episode_index", "task_index", "timestamp", ours_to_theirs[STATE], ours_to_theirs[ACTION]]
+    has_privileged = PRIVILEGED in ds.features
+    if has_privileged:
+        columns.append(PRIVILEGED)
     if not is_video:
         columns.append(image_key)
     table = ds.hf_dataset.with_format("numpy").select_columns(columns)[:]
@@ -123,18 +190,20 @@ def load_lerobot_source(name: str, repo_id: str, root: str | Path, weight: float
                         table[ours_to_theirs[STATE]].astype(np.float32),
                         table[ours_to_theirs[ACTION]].astype(np.float32),
                         remap[table["task_index"].astype(np.int64)], episode_end.astype(np.int64),
-                        [tasks[i] for i in task_ids], len(counts))
+                        [tasks[i] for i in task_ids], len(counts),
+                        table[PRIVILEGED].astype(np.float32) if has_privileged else None)
 
 
 class RealReplay:
     LIVE = "live"
 
     def __init__(self, datasets: Sequence[Mapping] = (), live: Optional[Mapping] = None, seed: int = 0):
-        """``datasets``: [{repo_id, root, weight, key_map}]; ``live``: {repo_id, root, weight, fps} or None
+        """``datasets``: [{repo_id, root, weight, key_map, max_episodes}]; ``live``: {repo_id, root, weight, fps} or None
         (no live episodes accepted)."""
         self.sources: list[ReplaySource] = [
-            load_lerobot_source(d.get("name") or d["repo_id"], d["repo_id"], d["root"], d.get("weight", 1.0),
-                                d.get("key_map")) for d in datasets]
+            first_episodes(load_lerobot_source(d.get("name") or d["repo_id"], d["repo_id"], d["root"],
+                                               d.get("weight", 1.0), d.get("key_map")), d.get("max_episodes"))
+            for d in datasets]
         self.live_cfg = dict(live) if live else None
         self.live: Optional[ReplaySource] = None
         if self.live_cfg:
@@ -149,6 +218,26 @@ class RealReplay:
         self._lock = threading.Lock()  # in-memory arrays
         self._write_lock = threading.Lock()  # the live dataset on disk
         self._check_compatible()
+
+    def hold_out(self, fraction: float, seed: int = 0) -> Optional["RealReplay"]:
+        """Move the last ``floor(fraction * episodes)`` episodes of every on-disk source into a new
+        replay (validation frames the training batches never see; a source too small to spare one
+        keeps all); None when ``fraction`` is 0."""
+        if fraction <= 0:
+            return None
+        held = []
+        with self._lock:
+            for i, src in enumerate(self.sources):
+                if src is self.live or src.num_episodes < 2:
+                    continue
+                num_val = min(src.num_episodes - 1, int(np.floor(fraction * src.num_episodes)))
+                if num_val < 1:
+                    continue
+                self.sources[i], val = split_last_episodes(src, num_val)
+                held.append(val)
+        val = RealReplay(seed=seed)
+        val.sources = held
+        return val
 
     @classmethod
     def from_config(cls, cfg, seed: int = 0) -> "RealReplay":
@@ -205,7 +294,8 @@ class RealReplay:
         """Uniform frames within sources, sources mixed by weight. Returns image uint8 [B,H,W,3],
         state float32 [B,S], actions float32 [B,chunk,A] (the sampled frame's action and the next
         ones; past the episode end the last action repeats and ``action_pad`` [B,chunk] is True),
-        task list[str], source list[str]."""
+        task list[str], source list[str]; and privileged float32 [B,P] when some source has
+        simulator labels (NaN rows for frames of sources without)."""
         rng = generator if generator is not None else self._rng
         with self._lock:
             sources = [s for s in self.sources if s.num_frames > 0 and s.weight > 0]
@@ -222,6 +312,9 @@ class RealReplay:
                 "task": [""] * batch_size,
                 "source": [""] * batch_size,
             }
+            labelled = [s.privileged.shape[1] for s in sources if s.privileged is not None]
+            if labelled:
+                out["privileged"] = np.full((batch_size, labelled[0]), np.nan, np.float32)
             steps = np.arange(chunk_size)
             for k, src in enumerate(sources):
                 rows = np.flatnonzero(which == k)
@@ -234,6 +327,8 @@ class RealReplay:
                 out["state"][rows] = src.state[frame]
                 out["actions"][rows] = src.action[np.minimum(future, end - 1)]
                 out["action_pad"][rows] = future >= end
+                if src.privileged is not None and "privileged" in out:
+                    out["privileged"][rows] = src.privileged[frame]
                 for row, t in zip(rows, src.task_index[frame]):
                     out["task"][row] = src.tasks[t]
                     out["source"][row] = src.name
@@ -260,4 +355,11 @@ class RealReplay:
                     continue
                 stats[key] = {"mean": x.mean(0), "std": x.std(0), "min": x.min(0), "max": x.max(0),
                               "count": np.array([len(x)])}
+            labelled = [s.privileged for s in held if s.privileged is not None]
+            if labelled:
+                x = np.concatenate(labelled).astype(np.float64)
+                x = x[np.isfinite(x).all(1)]
+                if len(x):
+                    stats[PRIVILEGED] = {"mean": x.mean(0), "std": x.std(0), "min": x.min(0), "max": x.max(0),
+                                         "count": np.array([len(x)])}
         return stats

@@ -20,8 +20,10 @@ mid-save leaves the previous complete copy. Re-running the same command resumes 
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import queue
 import math
 import os
 import shutil
@@ -41,6 +43,7 @@ from common.config import run_with_config
 from common.evaluation import evaluate_policy
 from common.policy import load_policy, make_policy
 from learner.cotrain import make_optimizer, sft_inputs
+from learner.diagnose import diagnose, flat_metrics
 from learner.metrics import MetricsWriter
 from learner.real_replay import RealReplay
 
@@ -69,6 +72,84 @@ def learning_rate(step: int, cfg) -> float:
     raise ValueError(f"sft.lr_schedule must be constant or cosine, got {cfg.lr_schedule!r}")
 
 
+# ----- EMA of the weights (Diffusion Policy, pi0): what is evaluated and saved ---------------------
+def make_ema(policy, decay: float):
+    """A frozen copy of ``policy`` tracking an exponential moving average of its weights; None if decay is 0."""
+    if decay <= 0:
+        return None
+    ema = copy.deepcopy(policy)
+    ema.requires_grad_(False)
+    ema.eval()
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema, policy, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * policy, with d warmed up as min(decay, (1 + step) / (10 + step))."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    ema_params = [p for p in ema.parameters()]
+    torch._foreach_lerp_(ema_params, [p.detach() for p in policy.parameters()], 1.0 - d)
+    for b_ema, b in zip(ema.buffers(), policy.buffers()):
+        b_ema.copy_(b)
+
+
+class Prefetcher:
+    """Samples and ships SFT batches to the device on a background thread (data loading off the
+    training thread); ``get()`` returns the next (obs, actions, action_pad)."""
+
+    def __init__(self, replay, policy, batch_size: int, rng: np.random.Generator, device, depth: int):
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.args = (replay, policy, batch_size, rng, device)
+        self.stopped = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name="sft-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        replay, policy, batch_size, rng, device = self.args
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        try:
+            while not self.stopped.is_set():
+                batch = replay.sample(batch_size, policy.chunk_size, rng)
+                with torch.cuda.stream(stream) if stream is not None else _null():
+                    item = sft_inputs(policy, batch, device)
+                    event = torch.cuda.Event() if stream is not None else None
+                    if event is not None:
+                        event.record(stream)
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put((item, event), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaced by get()
+            self.error = e
+
+    def get(self):
+        while True:
+            if self.error is not None:
+                raise RuntimeError("SFT batch loading failed") from self.error
+            try:
+                item, event = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+            return item
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 # ----- resumable training state ---------------------------------------------------------------
 @dataclass
 class TrainState:
@@ -76,6 +157,8 @@ class TrainState:
     initial_loss: Optional[float] = None  # mean loss over the first log interval
     last_loss: Optional[float] = None  # mean loss over the latest log interval
     eval_history: list = field(default_factory=list)  # {env, success, episodes, mean_length, update}
+    diagnostics: list = field(default_factory=list)  # learner.diagnose reports, with "step"
+    last_terms: dict = field(default_factory=dict)  # latest interval's loss parts (sft/flow_loss, sft/aux_loss)
 
 
 def replace_dir(write, final: Path) -> None:
@@ -106,20 +189,23 @@ def restore_rng_states(rng: np.random.Generator, saved: dict) -> None:
         torch.cuda.set_rng_state_all(saved["cuda"])
 
 
-def save_training(cfg, policy, optimizer, state: TrainState, rng: np.random.Generator) -> None:
-    """The deployable policy at ``sft.policy_dir`` and the resumable state at ``sft.state_dir``."""
+def save_training(cfg, policy, optimizer, state: TrainState, rng: np.random.Generator, ema=None) -> None:
+    """The deployable policy (the EMA weights when there are any) at ``sft.policy_dir`` and the
+    resumable state at ``sft.state_dir``."""
     def write_state(d: Path):
         policy.save(str(d / "policy"))
+        if ema is not None:
+            ema.save(str(d / "ema"))
         torch.save(optimizer.state_dict(), d / "optimizer.pt")
         torch.save(rng_states(rng), d / "rng.pt")
         (d / "state.json").write_text(json.dumps(asdict(state), indent=1))
 
     replace_dir(write_state, Path(cfg.state_dir))
-    replace_dir(lambda d: policy.save(str(d)), Path(cfg.policy_dir))
+    replace_dir(lambda d: (ema if ema is not None else policy).save(str(d)), Path(cfg.policy_dir))
 
 
 def load_training(cfg, device: torch.device, rng: np.random.Generator):
-    """(policy, optimizer, TrainState) from ``sft.state_dir``, or None when there is no saved state."""
+    """(policy, optimizer, TrainState, ema or None) from ``sft.state_dir``, or None when there is no saved state."""
     d = Path(cfg.state_dir)
     if not (d / "state.json").exists():
         return None
@@ -128,7 +214,11 @@ def load_training(cfg, device: torch.device, rng: np.random.Generator):
     optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location=device, weights_only=True))
     restore_rng_states(rng, torch.load(d / "rng.pt", weights_only=True))
     state = TrainState(**json.loads((d / "state.json").read_text()))
-    return policy, optimizer, state
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = (load_policy(str(d / "ema"), map_location=str(device)).requires_grad_(False).eval()
+               if (d / "ema").exists() else make_ema(policy, cfg.ema_decay))
+    return policy, optimizer, state, ema
 
 
 # ----- evaluation -----------------------------------------------------------------------------
@@ -208,17 +298,22 @@ def run_sft(cfg) -> int:
     rng = np.random.default_rng(cfg.seed)
     datasets = OmegaConf.to_container(sft.datasets, resolve=True)
     replay = RealReplay(datasets=datasets, live=None, seed=cfg.seed)
-    stats = replay.dataset_stats()
-    log.info("SFT data: %s", replay.size())
+    stats = replay.dataset_stats()  # over every frame, so the normaliser does not depend on the split
+    val_replay = replay.hold_out(sft.val_fraction, cfg.seed)
+    log.info("SFT data: %s; held out for validation: %s", replay.size(), val_replay.size() if val_replay else None)
 
     resumed = load_training(sft, device, rng)
     if resumed is None:
         policy = make_policy(cfg.policy, stats=stats).to(device)
         optimizer = make_optimizer(policy, sft)
         state = TrainState()
+        ema = make_ema(policy, sft.ema_decay)
     else:
-        policy, optimizer, state = resumed
+        policy, optimizer, state, ema = resumed
         log.info("resumed from %s at step %d", sft.state_dir, state.step)
+    scored = ema if ema is not None else policy  # the weights that are evaluated and deployed
+    amp = {"none": None, "bf16": torch.bfloat16}[sft.amp]
+    log.info("policy: %d parameters; amp %s; EMA %s", policy.num_parameters(), sft.amp, sft.ema_decay)
     start_step = state.step
     evaluate = Evaluator(cfg.env, sft.eval_episodes, sft.eval_seed) if sft.eval_episodes > 0 else None
     if evaluate is not None:
@@ -227,29 +322,54 @@ def run_sft(cfg) -> int:
     stop = StopFlag()
     t_start = time.time()
 
+    paused = [0.0]  # seconds spent outside training steps (evaluation, diagnostics, saves)
+
     def run_eval():
-        results = evaluate(policy, state.step)
+        t0 = time.time()
+        results = evaluate(scored, state.step)
+        paused[0] += time.time() - t0
         state.eval_history.extend(results)
         metrics.log({f"eval/{r['env']}_success": r["success"] for r in results}, state.step)
         log.info("step %d eval: %s", state.step, {r["env"]: r["success"] for r in results})
 
+    def run_diagnostics():
+        t0 = time.time()
+        report = diagnose(scored, replay, val_replay, sft.diag_frames, sft.batch_size, cfg.seed)
+        paused[0] += time.time() - t0
+        state.diagnostics.append({"step": state.step, **report})
+        metrics.log(flat_metrics(report), state.step)
+        log.info("step %d diagnostics: val loss %s, val gripper sign error %s", state.step, report.get("val_loss"),
+                 report.get("val", {}).get("gripper_sign_error"))
+
     bar = tqdm(total=sft.steps, initial=state.step, desc="sft", unit="step", dynamic_ncols=True)
     loss_sum, grad_norm_sum, interval_steps = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    term_sums: dict = {}  # parts of the loss the policy reports (flow matching, auxiliary)
+    batches = Prefetcher(replay, policy, sft.batch_size, rng, device, sft.prefetch) if sft.prefetch > 0 else None
     try:
         policy.train()
         while state.step < sft.steps and not stop.set:
+            if sft.max_duration_s and time.time() - t_start > sft.max_duration_s:
+                log.warning("sft.max_duration_s=%s reached at step %d: stopping (policy and state are saved; "
+                            "re-run to continue)", sft.max_duration_s, state.step)
+                break
             lr = learning_rate(state.step, sft)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = replay.sample(sft.batch_size, policy.chunk_size, rng)
-            loss = policy.sft_loss(*sft_inputs(policy, batch, device))
+            inputs = (batches.get() if batches is not None
+                      else sft_inputs(policy, replay.sample(sft.batch_size, policy.chunk_size, rng), device))
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = policy.sft_loss(*inputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), sft.clip_grad)
             optimizer.step()
+            if ema is not None:
+                update_ema(ema, policy, sft.ema_decay, state.step)
             state.step += 1
             bar.update(1)
             loss_sum += loss.detach()
+            for name, value in getattr(policy, "last_sft_terms", {}).items():
+                term_sums[name] = term_sums.get(name, 0.0) + value
             grad_norm_sum += grad_norm.detach()
             interval_steps += 1
 
@@ -257,27 +377,40 @@ def run_sft(cfg) -> int:
                 state.last_loss = loss_sum.item() / interval_steps  # one device sync per interval
                 if state.initial_loss is None:
                     state.initial_loss = state.last_loss
+                terms = {f"sft/{k}_loss": float(v) / interval_steps for k, v in term_sums.items()}
+                state.last_terms = terms
                 metrics.log({"sft/loss": state.last_loss, "sft/lr": lr,
-                             "sft/grad_norm": grad_norm_sum.item() / interval_steps}, state.step)
+                             "sft/grad_norm": grad_norm_sum.item() / interval_steps, **terms}, state.step)
+                term_sums.clear()
                 bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr:.2e}")
                 loss_sum.zero_()
                 grad_norm_sum.zero_()
                 interval_steps = 0
+            if sft.diag_interval > 0 and state.step % sft.diag_interval == 0:
+                run_diagnostics()
             if evaluate is not None and sft.eval_interval > 0 and state.step % sft.eval_interval == 0:
                 run_eval()
             if sft.checkpoint_interval > 0 and state.step % sft.checkpoint_interval == 0:
-                save_training(sft, policy, optimizer, state, rng)
+                save_training(sft, policy, optimizer, state, rng, ema)
+                if sft.snapshot_dir:  # the deployable weights at this step, kept (success against steps)
+                    scored.save(os.path.join(sft.snapshot_dir, f"step_{state.step:06d}"))
         bar.close()
+        if batches is not None:
+            batches.close()
 
-        finished = state.step >= sft.steps and not stop.set
+        finished = state.step >= sft.steps and not stop.set  # a time-limited run resumes later
+        if finished and sft.diag_frames > 0 and not any(d["step"] == state.step for d in state.diagnostics):
+            run_diagnostics()
         evaluated_now = any(e["update"] == state.step for e in state.eval_history)
         if finished and evaluate is not None and not evaluated_now:
             run_eval()
-        save_training(sft, policy, optimizer, state, rng)
-        write_summary(cfg, state, start_step, finished, time.time() - t_start, replay)
+        save_training(sft, policy, optimizer, state, rng, ema)
+        write_summary(cfg, state, start_step, finished, time.time() - t_start, replay, paused[0])
         log.info("SFT %s at step %d: policy in %s", "done" if finished else "stopped", state.step, sft.policy_dir)
     finally:
         bar.close()
+        if batches is not None:
+            batches.close()
         stop.restore()
         metrics.close()
         if evaluate is not None:
@@ -286,16 +419,19 @@ def run_sft(cfg) -> int:
 
 
 def write_summary(cfg, state: TrainState, start_step: int, finished: bool, duration_s: float,
-                  replay: RealReplay) -> None:
+                  replay: RealReplay, paused_s: float = 0.0) -> None:
     def last(env):
         runs = [e for e in state.eval_history if e["env"] == env]
         return runs[-1] if runs else None
 
     summary = {"steps": state.step, "target_steps": int(cfg.sft.steps), "resumed_from": start_step,
                "finished": finished, "initial_loss": state.initial_loss, "final_loss": state.last_loss,
+               "final_loss_terms": state.last_terms,
                "eval": {env: e["success"] for env in EVAL_ENVS if (e := last(env)) is not None},  # latest rates
                "eval_sim": last("sim"), "eval_real_proxy": last("real_proxy"),
                "eval_history": state.eval_history, "duration_s": round(duration_s, 1),
+               "diagnostics": state.diagnostics[-1] if state.diagnostics else None,
+               "train_samples_per_s": round((state.step - start_step) * cfg.sft.batch_size / max(duration_s - paused_s, 1e-9), 1),
                "data": replay.size(), "policy_dir": str(Path(cfg.sft.policy_dir).resolve()),
                "tensorboard": str(Path(cfg.sft.log_dir).resolve())}
     path = Path(cfg.sft.summary_path)

@@ -23,8 +23,8 @@ import json
 import os
 from typing import Mapping, Optional
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import flow
@@ -33,8 +33,10 @@ from .factory import plain_dict
 from .layers import AdaLNBlock, Block, sinusoidal_embedding
 from .normalizer import Normalizer
 from .tokenizer import make_tokenizer
+from .vision import KeypointCNN, augment, to_model_input
 
 CONFIG_FILE, WEIGHTS_FILE, STATS_FILE = "config.json", "model.safetensors", "stats.json"
+PRIVILEGED_STATS_KEY = "observation.environment_state"  # LeRobot's key for simulator-only labels
 
 
 class ObsEncoder(nn.Module):
@@ -57,17 +59,10 @@ class ObsEncoder(nn.Module):
             Block(D, cfg["heads"], cfg["mlp_ratio"]) for _ in range(cfg["fusion"]["depth"]))
         self.norm = nn.LayerNorm(D)
 
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 [B,H,W,3] of any size -> float [B,3,S,S] in [-1, 1]."""
-        x = image.permute(0, 3, 1, 2).float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False, antialias=True)
-        return x / 127.5 - 1.0
-
-    def forward(self, image: torch.Tensor, tokens: torch.Tensor, state: Optional[torch.Tensor]) -> torch.Tensor:
-        B = image.shape[0]
-        img = self.patch_embed(self.preprocess(image)).flatten(2).transpose(1, 2) + self.image_pos
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, state: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: model-input images [B,3,S,S] (``vision.to_model_input``)."""
+        B = x.shape[0]
+        img = self.patch_embed(x).flatten(2).transpose(1, 2) + self.image_pos
         for block in self.vision_blocks:
             img = block(img)
         tokens = tokens.long()
@@ -79,6 +74,32 @@ class ObsEncoder(nn.Module):
         for block in self.fusion_blocks:
             x = block(x, key_mask)
         return self.norm(x[:, 0])
+
+
+class KeypointObsEncoder(nn.Module):
+    """CNN keypoints (x, y per heat map), a bag-of-tokens instruction embedding and the state,
+    concatenated and mixed by an MLP into obs_emb [B, D] (Diffusion Policy's global conditioning)."""
+
+    def __init__(self, cfg: Mapping, vocab_size: int):
+        super().__init__()
+        D, v = cfg["width"], cfg["vision"]
+        self.cnn = KeypointCNN(v["channels"], v["strides"], v["keypoints"], v["groups"])
+        self.text_embed = nn.EmbeddingBag(vocab_size, v["text_dim"], mode="mean", padding_idx=0)
+        self.state_dim = cfg["state_dim"] if cfg["use_state"] else 0
+        layers, d_in = [], self.cnn.out_dim + v["text_dim"] + self.state_dim
+        for _ in range(cfg["fusion"]["depth"]):
+            layers += [nn.Linear(d_in, D), nn.LayerNorm(D), nn.SiLU()]
+            d_in = D
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, state: Optional[torch.Tensor]) -> torch.Tensor:
+        parts = [self.cnn(x), self.text_embed(tokens.long())]
+        if self.state_dim:
+            parts.append(torch.zeros(x.shape[0], self.state_dim, device=x.device) if state is None else state)
+        return self.mlp(torch.cat(parts, -1))
+
+
+ENCODERS = {"vit": ObsEncoder, "cnn_keypoints": KeypointObsEncoder}
 
 
 class ActionExpert(nn.Module):
@@ -118,7 +139,25 @@ class CompactVLA(Policy):
 
         self.tokenizer = make_tokenizer(cfg["vocab"], self.token_len)
         self.normalizer = Normalizer.from_lerobot_stats(stats, self.action_dim, self.state_dim, cfg["norm_eps"])
-        self.encoder = ObsEncoder(cfg, self.tokenizer.vocab_size)
+        vision_type = cfg["vision"].get("type", "vit")
+        if vision_type not in ENCODERS:
+            raise ValueError(f"policy.vision.type must be one of {sorted(ENCODERS)}, got {vision_type!r}")
+        self.encoder = ENCODERS[vision_type](cfg, self.tokenizer.vocab_size)
+        self.augment_cfg = cfg.get("augment") or {}
+        aux = cfg.get("aux") or {}
+        # auxiliary head: simulator positions (object, bowl) regressed from obs_emb on frames that have them
+        self.aux_dim, self.aux_weight = int(aux.get("dim", 0)), float(aux.get("weight", 0.0))
+        self.aux_head = nn.Linear(cfg["width"], self.aux_dim) if self.aux_dim > 0 else None
+        # targets standardised with the labelled frames' mean and std (std floored at aux.min_std: a
+        # coordinate that never varies, e.g. the bowl's height, must not be blown up)
+        self.register_buffer("aux_mean", torch.zeros(self.aux_dim))
+        self.register_buffer("aux_std", torch.ones(self.aux_dim))
+        labels = (stats or {}).get(PRIVILEGED_STATS_KEY)
+        if self.aux_dim > 0 and labels is not None:
+            self.aux_mean.copy_(torch.as_tensor(np.asarray(labels["mean"], np.float32)).reshape(self.aux_dim))
+            std = torch.as_tensor(np.asarray(labels["std"], np.float32)).reshape(self.aux_dim)
+            self.aux_std.copy_(std.clamp_min(float(aux.get("min_std", 0.0))))
+        self.last_sft_terms: dict = {}  # detached flow / aux parts of the latest sft_loss, for logging
         self.expert = ActionExpert(cfg, learned_noise=self.noise_mode == "learned")
         self.value_head = nn.Sequential(nn.Linear(cfg["width"], cfg["value_hidden"]), nn.GELU(approximate="tanh"),
                                         nn.Linear(cfg["value_hidden"], 1))
@@ -134,16 +173,20 @@ class CompactVLA(Policy):
     def tokenize(self, instructions: list[str]) -> torch.Tensor:
         return self.tokenizer(instructions).to(self.device)
 
-    def encode(self, obs: Obs) -> torch.Tensor:
+    def encode(self, obs: Obs, augment_images: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """obs_emb [B, D]. ``augment_images``: the config's ``augment`` (SFT batches only)."""
         tokens = obs["tokens"]
         if tokens.shape[1] > self.token_len:
             raise ValueError(f"tokens have length {tokens.shape[1]} > token_len {self.token_len}")
         state = obs.get("state")
-        if state is not None and self.encoder.state_proj is not None:
+        if state is not None and self.cfg["use_state"]:
             state = self.normalizer.normalize("state", state.float())
         else:
             state = None
-        return self.encoder(obs["image"], tokens, state)
+        x = to_model_input(obs["image"], self.image_size)
+        if augment_images:
+            x = augment(x, self.augment_cfg, generator)
+        return self.encoder(x, tokens, state)
 
     def value(self, obs: Obs) -> torch.Tensor:
         return self.value_head(self.encode(obs)).squeeze(-1)
@@ -190,12 +233,30 @@ class CompactVLA(Policy):
     # ----- supervised flow matching -------------------------------------------------------------
     def sft_loss(self, obs: Obs, actions: torch.Tensor, action_pad: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Mean flow-matching error over the chunk steps that ``action_pad`` does not mark."""
-        return flow.masked_mean(self.sft_errors(obs, actions, generator), action_pad)
+        """Mean flow-matching error over the chunk steps that ``action_pad`` does not mark, plus
+        ``aux.weight`` times the auxiliary position error where ``obs["privileged"]`` has labels."""
+        errors, obs_emb = self.sft_errors(obs, actions, generator, return_obs_emb=True)
+        loss = flow.masked_mean(errors, action_pad)
+        self.last_sft_terms = {"flow": loss.detach()}
+        if self.aux_head is not None and self.aux_weight > 0 and obs.get("privileged") is not None:
+            aux = self.aux_loss(obs_emb, obs["privileged"])
+            self.last_sft_terms["aux"] = aux.detach()
+            loss = loss + self.aux_weight * aux
+        return loss
 
-    def sft_errors(self, obs: Obs, actions: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Per-step flow-matching error [B, H]: ||v(x_t, t) - (a - noise)||^2 / 7, a normalised."""
-        obs_emb = self.encode(obs)
+    def aux_loss(self, obs_emb: torch.Tensor, privileged: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the aux head on rows whose labels [B, aux_dim] are finite (NaN: none)."""
+        target = (privileged.float() - self.aux_mean) / self.aux_std
+        keep = torch.isfinite(target).all(-1)
+        if not keep.any():
+            return obs_emb.new_zeros(())
+        return (self.aux_head(obs_emb[keep]).float() - target[keep]).pow(2).mean()
+
+    def sft_errors(self, obs: Obs, actions: torch.Tensor, generator: Optional[torch.Generator] = None,
+                   return_obs_emb: bool = False):
+        """Per-step flow-matching error [B, H]: ||v(x_t, t) - (a - noise)||^2 / 7, a normalised.
+        Images are augmented while the policy is in training mode."""
+        obs_emb = self.encode(obs, augment_images=self.training, generator=generator)
         target_actions = self.normalizer.normalize("action", actions.float())
         B = target_actions.shape[0]
         noise = self._noise(B, obs_emb, generator)
@@ -203,7 +264,8 @@ class CompactVLA(Policy):
         t = flow.sample_time(B, tc["dist"], tc["alpha"], tc["beta"], tc["t_max"], generator, obs_emb.device)
         x_t = flow.interpolate(noise, target_actions, t[:, None, None])
         velocity, _ = self.expert(x_t, t, obs_emb)
-        return (velocity - flow.velocity_target(noise, target_actions)).pow(2).mean(-1)
+        errors = (velocity - flow.velocity_target(noise, target_actions)).pow(2).mean(-1)
+        return (errors, obs_emb) if return_obs_emb else errors
 
     # ----- deterministic ODE -----------------------------------------------------------------
     @torch.no_grad()

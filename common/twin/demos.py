@@ -6,7 +6,12 @@ dataset before exiting). By default only successful episodes are kept.
 
 CLI (Hydra overrides of configs/config.yaml go alongside):
   python -m common.twin.demos out=/data/twin_demos episodes=50 env=real_proxy image_size=128x128 \
-      [repo_id=tandem/twin_demos] [video=false] [keep_failed=false] [seed=0]
+      [repo_id=tandem/twin_demos] [video=false] [keep_failed=false] [seed=0] [workers=1] [seed_stride=1000]
+
+With ``workers=N`` (N > 1) N processes each write one dataset ``out/part_XX`` (worker i: env seeds
+from ``seed + i * seed_stride``, its share of the episodes); ``learner.real_replay`` reads such a
+folder of parts as one dataset. Sim demos are cheap: one process per core is the fast way to
+thousands of episodes.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.twin.expert import ScriptedExpert
-from common.twin.schema import ACTION_KEY, IMAGE_KEY, ROBOT_TYPE, STATE_KEY, dataset_features
+from common.twin.schema import ACTION_KEY, IMAGE_KEY, PRIVILEGED_KEY, ROBOT_TYPE, STATE_KEY, dataset_features
 from common.twin.task import to_dict
 from common.twin.wrappers import make_env
 
@@ -34,13 +39,15 @@ def _act_fn(policy: Policy) -> Callable[[dict], np.ndarray]:
 def write_demos(env_cfg: Any, root: Union[str, Path], repo_id: str, num_episodes: int, *,
                 real_proxy: bool = False, seed: int = 0, policy: Optional[Policy] = None,
                 use_videos: bool = False, keep_failed: bool = False, max_attempts: Optional[int] = None,
-                image_writer_threads: int = 2, progress: bool = True) -> Path:
+                image_writer_threads: int = 2, progress: bool = True, privileged: Optional[bool] = None) -> Path:
     """Write ``num_episodes`` episodes to a new LeRobot dataset at ``root``; returns ``root``.
 
     ``policy``: ``None`` runs :class:`ScriptedExpert`; otherwise a callable ``obs -> action[7]`` or an
     object with ``act(obs)`` (its ``reset()`` is called at each episode start if present).
     Episode ``k`` of the run uses env seed ``seed + k`` (attempts, counting discarded ones).
     ``max_attempts`` bounds the episodes run (default ``4 * num_episodes``).
+    ``privileged``: store the simulator's object and bowl positions per frame (``PRIVILEGED_KEY``);
+    default on in the twin, off on the real proxy (which stands in for real episodes, that have none).
     """
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
@@ -50,8 +57,9 @@ def write_demos(env_cfg: Any, root: Union[str, Path], repo_id: str, num_episodes
     expert = ScriptedExpert(env) if policy is None else None
     agent = expert if policy is None else policy
     act = _act_fn(agent)
+    privileged = (not real_proxy) if privileged is None else privileged
     dataset = LeRobotDataset.create(
-        repo_id, fps=env.control_freq, features=dataset_features(env.image_size, use_videos), root=root,
+        repo_id, fps=env.control_freq, features=dataset_features(env.image_size, use_videos, privileged), root=root,
         robot_type=ROBOT_TYPE, use_videos=use_videos, image_writer_threads=image_writer_threads,
         metadata_buffer_size=1)  # episode metadata on disk as each episode is saved
 
@@ -71,8 +79,10 @@ def write_demos(env_cfg: Any, root: Union[str, Path], repo_id: str, num_episodes
             done = False
             while not done:
                 action = np.asarray(act(obs), dtype=np.float32).reshape(7)
-                dataset.add_frame({IMAGE_KEY: obs["image"], STATE_KEY: obs["state"], ACTION_KEY: action,
-                                   "task": env.instruction})
+                frame = {IMAGE_KEY: obs["image"], STATE_KEY: obs["state"], ACTION_KEY: action, "task": env.instruction}
+                if privileged:
+                    frame[PRIVILEGED_KEY] = info["privileged"]
+                dataset.add_frame(frame)
                 obs, _, terminated, truncated, info = env.step(action)
                 done = terminated or truncated
             if info["success"] or keep_failed:
@@ -97,6 +107,44 @@ def write_demos(env_cfg: Any, root: Union[str, Path], repo_id: str, num_episodes
     return root
 
 
+def write_demos_parallel(args: list[str], out: Path, episodes: int, workers: int, seed: int, seed_stride: int) -> int:
+    """Run ``workers`` demo processes (this module, ``out=out/part_XX``) with one progress bar."""
+    import json
+    import subprocess
+    import time
+
+    if episodes > workers * seed_stride // 4:
+        raise ValueError(f"{episodes} episodes over {workers} workers may use more than seed_stride={seed_stride} "
+                         "seeds per worker (the blocks would overlap): raise seed_stride")
+    passed = [a for a in args if a.partition("=")[0] not in ("out", "episodes", "workers", "seed", "seed_stride")]
+    shares = [episodes // workers + (i < episodes % workers) for i in range(workers)]
+    parts = [out / f"part_{i:02d}" for i in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-m", "common.twin.demos", f"out={part}", f"episodes={n}",
+                               f"seed={seed + i * seed_stride}", "progress=false", *passed])
+             for i, (part, n) in enumerate(zip(parts, shares)) if n > 0]
+
+    def saved() -> int:
+        total = 0
+        for part in parts:
+            try:
+                total += json.loads((part / "meta" / "info.json").read_text())["total_episodes"]
+            except (OSError, ValueError, KeyError):
+                pass
+        return total
+
+    with tqdm(total=episodes, desc=f"demos -> {out.name} ({len(procs)} workers)", unit="ep") as bar:
+        while any(p.poll() is None for p in procs):
+            time.sleep(2.0)
+            bar.update(saved() - bar.n)
+        bar.update(saved() - bar.n)
+    failed = [p.args[3] for p in procs if p.returncode != 0]
+    if failed:
+        print(f"demo workers failed: {failed}", file=sys.stderr)
+        return 1
+    print(f"wrote {saved()} episodes in {len(procs)} parts under {out}")
+    return 0
+
+
 def _in_main_thread() -> bool:
     import threading
 
@@ -116,7 +164,8 @@ def main(argv=None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
-    opts = dict(out=None, episodes="10", repo_id=None, video="false", keep_failed="false", image_size=None)
+    opts = dict(out=None, episodes="10", repo_id=None, video="false", keep_failed="false", image_size=None,
+                workers="1", seed_stride="1000", progress="true")
     overrides = []
     for a in args:
         key, _, value = a.partition("=")
@@ -133,10 +182,14 @@ def main(argv=None) -> int:
     cfg = load_config("config", overrides)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(opts["out"])
+    if int(opts["workers"]) > 1:
+        return write_demos_parallel(args, out, int(opts["episodes"]), int(opts["workers"]), int(cfg.seed),
+                                    int(opts["seed_stride"]))
     root = write_demos(cfg.env, out, opts["repo_id"] or f"tandem/{out.name}", int(opts["episodes"]),
                        real_proxy=bool(cfg.env.real_proxy), seed=int(cfg.seed),
                        use_videos=opts["video"].lower() in ("1", "true", "yes"),
-                       keep_failed=opts["keep_failed"].lower() in ("1", "true", "yes"))
+                       keep_failed=opts["keep_failed"].lower() in ("1", "true", "yes"),
+                       progress=opts["progress"].lower() in ("1", "true", "yes"))
     print(f"wrote {root}")
     return 0
 

@@ -412,6 +412,12 @@ class TandemPickPlaceEnv(BaseEnv):
         tcp = self.agent.robot.pose.inv() * self.agent.tcp_pose
         return torch.cat([tcp.p, tcp.q, self.gripper_opening()[:, None]], dim=1).float()
 
+    def privileged(self) -> torch.Tensor:
+        """[N, 6]: object and bowl centre positions in the robot base frame. Simulator-only labels
+        (sim demos store them as ``observation.environment_state`` for the policy's auxiliary loss)."""
+        base = self.agent.robot.pose.inv()
+        return torch.cat([(base * self.obj_pose).p, (base * self.bowl.pose).p], dim=1).float()
+
     def is_grasping_object(self) -> torch.Tensor:
         """[N] bool. Contact queries only for shapes active in some env (one on physx_cpu)."""
         flags = torch.zeros(len(self.objects), self.num_envs, dtype=torch.bool, device=self.device)

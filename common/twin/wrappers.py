@@ -2,8 +2,9 @@
 
 Observation: {"image": uint8 [H, W, 3], "state": float32 [8]} (obs_mode "rgb") or
 {"state": float32 [8]} (obs_mode "state", no rendering). The instruction is in
-``info["instruction"]`` after reset and in ``env.instruction``; privileged simulator state is
-on ``env.task`` (the ManiSkill env).
+``info["instruction"]`` after reset and in ``env.instruction``; ``info["privileged"]`` holds the
+object and bowl positions (float32 [6], robot base frame; simulator-only labels); the rest of the
+privileged simulator state is on ``env.task`` (the ManiSkill env).
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ class TwinEnv(gym.Env):
 
     def _info(self, info: dict) -> dict:
         return {"instruction": self.instruction, "success": bool(info["success"][0]),
-                "is_grasped": bool(info["is_grasped"][0]), "elapsed_steps": self._elapsed}
+                "is_grasped": bool(info["is_grasped"][0]), "elapsed_steps": self._elapsed,
+                "privileged": self.task.privileged()[0].cpu().numpy()}
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         if seed is None and self._next_seed is not None:
