@@ -23,7 +23,7 @@ from actors.env_pool import EnvPool
 from common.channels import ControlClient, DataSender, WeightSubscriber
 from common.config import run_with_config
 from common.evaluation import run_episode
-from common.policy import make_policy
+from common.policy import load_policy, make_policy
 from common.protocol import Message
 from common.segment import SegmentSpec
 from common.shm_ring import ShmRingWriter
@@ -46,7 +46,10 @@ class Actor:
         torch.set_num_threads(acfg.torch_threads)
         torch.manual_seed(cfg.seed + acfg.seed_offset)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + acfg.seed_offset)
-        self.policy = make_policy(cfg.policy).to(self.device).eval()
+        # the architecture of the learner's starting checkpoint when there is one (its weights arrive
+        # by broadcast), else the configured policy
+        model_path = cfg.learner.get("model_path")
+        self.policy = (load_policy(model_path) if model_path else make_policy(cfg.policy)).to(self.device).eval()
         self.version = -1
         self.gamma = float(cfg.learner.gamma)
         self.real_proxy = bool(acfg.real_proxy)

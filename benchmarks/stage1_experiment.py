@@ -27,13 +27,17 @@ PY = sys.executable
 HELD_OUT_SEED = 100_000  # demos use seeds below 100,000 (twin from 0, real proxy from REAL_SEED)
 REAL_SEED = 50_000
 
-# name -> (twin demos used, extra overrides); all use every real-proxy demo
+# name -> (twin demos used (None: all), policy input size, extra overrides); all use every real-proxy
+# demo. Demos are rendered at --image-size; a policy with a smaller input resizes inside the model, so
+# every variant is evaluated on the same renders it was trained on (env_overrides.json).
 VARIANTS = {
-    "main": (None, []),
-    "noaux": (None, ["policy.aux.weight=0"]),
-    "d500": (500, []),
-    "d100": (100, []),
+    "main": (None, 128, ["policy.augment.shift_pad=8"]),
+    "main64": (None, 64, []),
+    "noaux": (None, 128, ["policy.augment.shift_pad=8", "policy.aux.weight=0"]),
+    "d500": (500, 128, ["policy.augment.shift_pad=8"]),
+    "d100": (100, 128, ["policy.augment.shift_pad=8"]),
 }
+ABLATIONS = {"noaux"}  # left out of the success-against-demos curve
 
 
 def sh(cmd: list[str], log: Path | None = None, **kw) -> subprocess.Popen:
@@ -67,8 +71,9 @@ def datasets_arg(w: Path, twin_episodes) -> str:
             f"{{repo_id: local/real, root: '{w / 'real'}', weight: 0.25}}]")
 
 
-def sft_cmd(a, w: Path, run: Path, policy: str, extra: list[str], twin_episodes=None) -> list[str]:
-    return [PY, "-m", "learner.sft", f"run_dir={run}", f"policy={policy}", f"env.image_size={a.image_size}",
+def sft_cmd(a, w: Path, run: Path, policy: str, extra: list[str], twin_episodes=None, input_size=None) -> list[str]:
+    size = [f"policy.image_size={input_size}"] if input_size else []
+    return [PY, "-m", "learner.sft", f"run_dir={run}", f"policy={policy}", *size, f"env.image_size={a.image_size}",
             f"device={a.device}", "sft.eval_episodes=0", datasets_arg(w, twin_episodes), *extra]
 
 
@@ -78,12 +83,14 @@ def phase_throughput(a, w: Path) -> None:
         return
     today = ["sft.batch_size=64", "sft.amp=none", "sft.prefetch=0", "sft.diag_frames=0", "sft.val_fraction=0"]
     new = ["sft.batch_size=256", "sft.amp=bf16", "sft.prefetch=2", "sft.diag_frames=0", "sft.val_fraction=0"]
-    runs = {"base_today": ("base", today, 300), "base_new": ("base", new, 150), "keypoint_new": ("keypoint", new, 600)}
+    steps = dict(zip(("base_today", "base_new", "keypoint_new"), a.throughput_steps))
+    runs = {"base_today": ("base", today, steps["base_today"]), "base_new": ("base", new, steps["base_new"]),
+            "keypoint_new": ("keypoint", [*new, "policy.image_size=128"], steps["keypoint_new"])}
     result = {}
     for name, (policy, extra, steps) in runs.items():
         run = w / "throughput" / name
-        p = sh(sft_cmd(a, w, run, policy, [*extra, f"sft.steps={steps}", "sft.checkpoint_interval=0"]),
-               log=w / f"throughput_{name}.log")
+        p = sh(sft_cmd(a, w, run, policy, [*extra, f"sft.steps={steps}", "sft.checkpoint_interval=0"],
+                       twin_episodes=200), log=w / f"throughput_{name}.log")  # a part of the data: quick to load
         wait_all([p], f"throughput {name}")
         s = json.loads((run / "sft_summary.json").read_text())
         result[name] = {"policy": policy, "overrides": extra, "steps": steps,
@@ -91,26 +98,41 @@ def phase_throughput(a, w: Path) -> None:
         print(name, result[name], flush=True)
     base = result["base_today"]["samples_per_s"]
     for r in result.values():
-        r["x_vs_base_today"] = round(r["samples_per_s"] / base, 2)
+        r["x_vs_base_today"] = round(r["samples_per_s"] / base, 2) if base and r["samples_per_s"] else None
     out.write_text(json.dumps(result, indent=1))
 
 
-def train_overrides(a) -> list[str]:
-    return [f"sft.steps={a.steps}", f"sft.batch_size={a.batch_size}", f"sft.lr={a.lr}", "sft.lr_schedule=cosine",
+def planned_steps(a, w: Path) -> int:
+    """--steps, cut to what fits in the time budget at the measured single-run rate when several
+    runs share the GPU (assumed to get half that rate each: they overlap CPU-side work)."""
+    t = w / "throughput.json"
+    if not t.exists():
+        return a.steps
+    measured = json.loads(t.read_text())["keypoint_new"]["samples_per_s"]
+    if not measured:
+        return a.steps
+    rate = measured / 256  # steps/s alone at batch 256
+    fit = int(0.5 * rate * a.train_budget_s * 0.9) // 100 * 100
+    return max(1000, min(a.steps, fit))
+
+
+def train_overrides(a, steps: int) -> list[str]:
+    return [f"sft.steps={steps}", f"sft.batch_size={a.batch_size}", f"sft.lr={a.lr}", "sft.lr_schedule=cosine",
             "sft.warmup_steps=500", "sft.weight_decay=1e-4", f"sft.ema_decay={a.ema}", "sft.amp=bf16",
-            f"sft.checkpoint_interval={a.steps // 4}", f"sft.diag_interval={a.steps // 4}", "sft.diag_frames=512",
+            f"sft.checkpoint_interval={steps // 4}", f"sft.diag_interval={steps // 4}", "sft.diag_frames=512",
             f"sft.max_duration_s={a.train_budget_s}", f"sft.torch_threads={a.threads}"]
 
 
 def phase_train(a, w: Path) -> None:
-    procs = []
+    procs, steps = [], planned_steps(a, w)
+    print(f"train: {steps} steps per variant", flush=True)
     for name in a.variants:
         run = w / "runs" / name
         if (run / "sft_summary.json").exists() and json.loads((run / "sft_summary.json").read_text())["finished"]:
             continue
-        twin_episodes, extra = VARIANTS[name]
-        procs.append(sh(sft_cmd(a, w, run, "keypoint", [*train_overrides(a), f"sft.snapshot_dir={run / 'snapshots'}",
-                                                         *extra], twin_episodes), log=w / f"train_{name}.log"))
+        twin_episodes, input_size, extra = VARIANTS[name]
+        procs.append(sh(sft_cmd(a, w, run, "keypoint", [*train_overrides(a, steps), f"sft.snapshot_dir={run / 'snapshots'}",
+                                                         *extra], twin_episodes, input_size), log=w / f"train_{name}.log"))
     t0 = time.time()
     wait_all(procs, "train")
     print(f"train: {time.time() - t0:.0f} s", flush=True)
@@ -162,7 +184,8 @@ def phase_report(a, w: Path, out_dir: Path) -> None:
     for name in a.variants:
         run = w / "runs" / name
         s = json.loads((run / "sft_summary.json").read_text())
-        runs[name] = {"twin_demos": VARIANTS[name][0] or a.twin_demos, "overrides": VARIANTS[name][1],
+        runs[name] = {"twin_demos": VARIANTS[name][0] or a.twin_demos, "input_size": VARIANTS[name][1],
+                      "overrides": VARIANTS[name][2],
                       "steps": s["steps"], "final_loss": s["final_loss"], "train_samples_per_s": s["train_samples_per_s"],
                       "diagnostics": s["diagnostics"], "data": s["data"],
                       "eval": evals[str(run / "policy")]["summary"]}
@@ -181,11 +204,11 @@ def phase_report(a, w: Path, out_dir: Path) -> None:
 
     lines = ["# Stage I results", "", f"Held-out seeds from {HELD_OUT_SEED}; twin demos from seed 0, real-proxy demos "
              f"from {REAL_SEED}; image {a.image_size}x{a.image_size}.", "",
-             "| variant | twin demos | real demos | steps | final SFT loss | twin success | real-proxy success | val loss |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | input | twin demos | real demos | steps | final SFT loss | twin success | real-proxy success | val loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         ev = r["eval"]
-        lines.append(f"| {name} | {r['twin_demos']} | {a.real_demos} | {r['steps']} | {r['final_loss']:.3f} | "
+        lines.append(f"| {name} | {r['input_size']} | {r['twin_demos']} | {a.real_demos} | {r['steps']} | {r['final_loss']:.3f} | "
                      f"{ev['twin']['success']:.3f} ({ev['twin']['episodes']}) | "
                      f"{ev['real_proxy']['success']:.3f} ({ev['real_proxy']['episodes']}) | "
                      f"{(r['diagnostics'] or {}).get('val_loss', float('nan')):.3f} |")
@@ -201,7 +224,8 @@ def phase_report(a, w: Path, out_dir: Path) -> None:
     print("\n".join(lines), flush=True)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    demo_runs = sorted((r["twin_demos"], r) for n, r in runs.items() if not r["overrides"])
+    demo_runs = sorted(((r["twin_demos"], r) for n, r in runs.items() if n not in ABLATIONS and r["input_size"] == 128),
+                       key=lambda x: x[0])
     for env in ("twin", "real_proxy"):
         axes[0].plot([d for d, _ in demo_runs], [r["eval"][env]["success"] for _, r in demo_runs], "o-", label=env)
         axes[1].plot([p["step"] for p in steps_curve], [p.get(env, float("nan")) for p in steps_curve], "o-", label=env)
@@ -235,9 +259,11 @@ def main(argv=None) -> int:
     ap.add_argument("--real-demos", type=int, default=100)
     ap.add_argument("--twin-workers", type=int, default=13)
     ap.add_argument("--real-workers", type=int, default=3)
-    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--image-size", type=int, default=128, help="demo and evaluation render size")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=12000)
+    ap.add_argument("--throughput-steps", type=int, nargs=3, default=[300, 150, 600],
+                    help="steps of the base_today, base_new and keypoint_new throughput runs")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--ema", type=float, default=0.999)

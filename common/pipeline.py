@@ -14,9 +14,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from common.config import run_with_config
+from common.config import CONFIG_DIR, run_with_config
 
 PY = sys.executable
+REPO = CONFIG_DIR.parent
 
 
 def run_stage(title: str, cmd: list[str]) -> None:
@@ -50,15 +51,27 @@ class Pipeline:
         self.sim_demos = self.run / "data" / "sim_demos"
         self.real_demos = self.run / "data" / "real_demos"
         self.stage1_dir = self.run / "stage1"
+        self.checkpoint = None  # the shipped Stage I policy, when Stage II starts from it
+        if self.p.stage1_checkpoint:
+            from common.evaluation import policy_env_overrides
+
+            path = Path(self.p.stage1_checkpoint)
+            self.checkpoint = path if path.is_absolute() else REPO / path
+            if not (self.checkpoint / "config.json").exists():
+                raise SystemExit(f"[tandem] no Stage I checkpoint at {self.checkpoint} "
+                                 "(pipeline.stage1_checkpoint=null trains Stage I from scratch)")
+            # the renders the checkpoint was trained on (e.g. env.image_size=128) win over this config's
+            self.env += policy_env_overrides(str(self.checkpoint))
+        self.stage1_policy = self.checkpoint or self.stage1_dir / "policy"
 
     def _done(self, path: Path) -> bool:
         return bool(self.p.skip_existing) and path.exists()
 
     def demos(self) -> None:
-        if not self._done(self.sim_demos / "meta" / "info.json"):
+        if self.checkpoint is None and not self._done(self.sim_demos / "meta" / "info.json"):
             run_stage("expert demonstrations in the twin",
                       [PY, "-m", "common.twin.demos", f"out={self.sim_demos}", f"episodes={self.p.sim_demos}",
-                       "env=twin", f"image_size={self.cfg.env.image_size}", "repo_id=local/sim_demos"])
+                       "env=twin", *self.env, "repo_id=local/sim_demos"])
         if not self._done(self.real_demos / "meta" / "info.json"):
             run_stage("collector demonstrations on the real proxy (simulated robot, scripted teleop)",
                       [PY, "-m", "realrobot.collector", f"run_dir={self.run / 'collect'}", *self.env, *self.shared,
@@ -68,6 +81,9 @@ class Pipeline:
                        "robot.pace=false", f"robot.safety.max_rate_hz={self.p.sim_robot_max_rate_hz}"])
 
     def stage1(self) -> None:
+        if self.checkpoint is not None:
+            self.evaluate_checkpoint()
+            return
         if self._done(self.stage1_dir / "policy"):
             return
         run_stage("Stage I: SFT on sim + real demonstrations",
@@ -76,10 +92,27 @@ class Pipeline:
                    "sft.datasets=" + dataset_list(("local/sim_demos", self.sim_demos, self.p.sim_weight),
                                                   ("local/tandem_real_demos", self.real_demos, self.p.real_weight))])
 
+    def evaluate_checkpoint(self) -> None:
+        """Stage I = the shipped checkpoint: its success on held-out seeds, in the report's layout."""
+        out = self.stage1_dir / "sft_summary.json"
+        if self._done(out):
+            return
+        eval_file = self.stage1_dir / "eval.json"
+        run_stage(f"Stage I: the shipped checkpoint {self.checkpoint.relative_to(REPO) if self.checkpoint.is_relative_to(REPO) else self.checkpoint}, evaluated",
+                  [PY, "-m", "common.evaluation", "--policy", str(self.checkpoint), "--workers", str(self.p.num_actors),
+                   "--seeds", f"{self.p.stage1_eval_seed}:{self.p.stage1_eval_seed + self.p.sft_eval_episodes}",
+                   "--out", str(eval_file), *[o for o in self.env if o.startswith("env.")]])
+        summary = json.loads(eval_file.read_text())["summary"]
+        history = [{"env": name, "success": summary[env]["success"], "episodes": summary[env]["episodes"],
+                    "mean_length": summary[env]["mean_length"], "update": 0}
+                   for name, env in (("sim", "twin"), ("real_proxy", "real_proxy"))]
+        out.write_text(json.dumps({"checkpoint": str(self.checkpoint), "eval_history": history,
+                                   "eval_sim": history[0], "eval_real_proxy": history[1]}, indent=1))
+
     def stage2(self, run_dir: Path, extra: list[str] = (), title: str = "Stage II: co-training") -> dict:
         run_stage(f"{title} (learner + actors as separate processes)",
                   [PY, "-m", "common.launch", f"run_dir={run_dir}", *self.env, *self.shared,
-                   f"learner.model_path={self.stage1_dir / 'policy'}",
+                   f"learner.model_path={self.stage1_policy}",
                    "learner.real_datasets=" + dataset_list(("local/tandem_real_demos", self.real_demos, 1.0)),
                    f"learner.total_updates={self.p.stage2_updates}",
                    f"learner.max_duration_s={self.p.stage2_max_duration_s}",

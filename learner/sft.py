@@ -50,6 +50,7 @@ from learner.real_replay import RealReplay
 log = logging.getLogger(__name__)
 
 EVAL_ENVS = {"sim": False, "real_proxy": True}  # logged name -> real_proxy flag of the twin
+WARMUP_STEPS_UNTIMED = 10  # excluded from train_samples_per_s (allocator warm-up, cuDNN autotuning)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -321,6 +322,7 @@ def run_sft(cfg) -> int:
     metrics = MetricsWriter(sft.log_dir)
     stop = StopFlag()
     t_start = time.time()
+    timed_from = None  # (step, time, paused) once the first steps (allocator, autotuning) are done
 
     paused = [0.0]  # seconds spent outside training steps (evaluation, diagnostics, saves)
 
@@ -366,6 +368,10 @@ def run_sft(cfg) -> int:
             if ema is not None:
                 update_ema(ema, policy, sft.ema_decay, state.step)
             state.step += 1
+            if state.step - start_step == WARMUP_STEPS_UNTIMED:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timed_from = (state.step, time.time(), paused[0])
             bar.update(1)
             loss_sum += loss.detach()
             for name, value in getattr(policy, "last_sft_terms", {}).items():
@@ -405,7 +411,13 @@ def run_sft(cfg) -> int:
         if finished and evaluate is not None and not evaluated_now:
             run_eval()
         save_training(sft, policy, optimizer, state, rng, ema)
-        write_summary(cfg, state, start_step, finished, time.time() - t_start, replay, paused[0])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rate = None
+        if timed_from is not None and state.step > timed_from[0]:
+            busy = time.time() - timed_from[1] - (paused[0] - timed_from[2])
+            rate = (state.step - timed_from[0]) * sft.batch_size / max(busy, 1e-9)
+        write_summary(cfg, state, start_step, finished, time.time() - t_start, replay, rate)
         log.info("SFT %s at step %d: policy in %s", "done" if finished else "stopped", state.step, sft.policy_dir)
     finally:
         bar.close()
@@ -419,7 +431,7 @@ def run_sft(cfg) -> int:
 
 
 def write_summary(cfg, state: TrainState, start_step: int, finished: bool, duration_s: float,
-                  replay: RealReplay, paused_s: float = 0.0) -> None:
+                  replay: RealReplay, samples_per_s: Optional[float] = None) -> None:
     def last(env):
         runs = [e for e in state.eval_history if e["env"] == env]
         return runs[-1] if runs else None
@@ -431,7 +443,7 @@ def write_summary(cfg, state: TrainState, start_step: int, finished: bool, durat
                "eval_sim": last("sim"), "eval_real_proxy": last("real_proxy"),
                "eval_history": state.eval_history, "duration_s": round(duration_s, 1),
                "diagnostics": state.diagnostics[-1] if state.diagnostics else None,
-               "train_samples_per_s": round((state.step - start_step) * cfg.sft.batch_size / max(duration_s - paused_s, 1e-9), 1),
+               "train_samples_per_s": None if samples_per_s is None else round(samples_per_s, 1),  # after the first steps
                "data": replay.size(), "policy_dir": str(Path(cfg.sft.policy_dir).resolve()),
                "tensorboard": str(Path(cfg.sft.log_dir).resolve())}
     path = Path(cfg.sft.summary_path)
