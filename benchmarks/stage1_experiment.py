@@ -111,14 +111,14 @@ def planned_steps(a, w: Path) -> int:
     measured = json.loads(t.read_text())["keypoint_new"]["samples_per_s"]
     if not measured:
         return a.steps
-    rate = measured / 256  # steps/s alone at batch 256
+    rate = measured / a.batch_size  # steps/s alone at this batch size
     fit = int(0.5 * rate * a.train_budget_s * 0.9) // 100 * 100
     return max(1000, min(a.steps, fit))
 
 
 def train_overrides(a, steps: int) -> list[str]:
-    return [f"sft.steps={steps}", f"sft.batch_size={a.batch_size}", f"sft.lr={a.lr}", "sft.lr_schedule=cosine",
-            "sft.warmup_steps=500", "sft.weight_decay=1e-4", f"sft.ema_decay={a.ema}", "sft.amp=bf16",
+    # lr schedule, warm-up, weight decay and EMA: configs/sft.yaml's defaults (the recipe)
+    return [f"sft.steps={steps}", f"sft.batch_size={a.batch_size}", "sft.amp=bf16",
             f"sft.checkpoint_interval={steps // 4}", f"sft.diag_interval={steps // 4}", "sft.diag_frames=512",
             f"sft.max_duration_s={a.train_budget_s}", f"sft.torch_threads={a.threads}"]
 
@@ -254,24 +254,22 @@ def main(argv=None) -> int:
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--phases", nargs="+", default=["demos", "throughput", "train", "eval", "report"])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["main", "d500", "d100"], choices=list(VARIANTS))
     ap.add_argument("--twin-demos", type=int, default=1500)
     ap.add_argument("--real-demos", type=int, default=100)
     ap.add_argument("--twin-workers", type=int, default=13)
     ap.add_argument("--real-workers", type=int, default=3)
     ap.add_argument("--image-size", type=int, default=128, help="demo and evaluation render size")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--steps", type=int, default=12000)
+    ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--throughput-steps", type=int, nargs=3, default=[300, 150, 600],
                     help="steps of the base_today, base_new and keypoint_new throughput runs")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--threads", type=int, default=3, help="torch threads per SFT process")
-    ap.add_argument("--train-budget-s", type=int, default=480, help="each SFT run stops (saved) after this")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per SFT process")
+    ap.add_argument("--train-budget-s", type=int, default=300, help="each SFT run stops (saved) after this")
     ap.add_argument("--eval-episodes", type=int, default=100, help="held-out episodes per env for the main variant")
-    ap.add_argument("--curve-episodes", type=int, default=60, help="per env for the other variants and snapshots")
-    ap.add_argument("--train-seed-episodes", type=int, default=40)
+    ap.add_argument("--curve-episodes", type=int, default=40, help="per env for the other variants and snapshots")
+    ap.add_argument("--train-seed-episodes", type=int, default=20)
     ap.add_argument("--eval-workers", type=int, default=16)
     ap.add_argument("--eval-device", default="cuda")
     a = ap.parse_args(argv)

@@ -89,6 +89,7 @@ class Pipeline:
         run_stage("Stage I: SFT on sim + real demonstrations",
                   [PY, "-m", "learner.sft", f"run_dir={self.stage1_dir}", *self.env, *self.shared,
                    f"sft.steps={self.p.sft_steps}", f"sft.eval_episodes={self.p.sft_eval_episodes}",
+                   f"sft.warmup_steps={min(500, self.p.sft_steps // 10)}",
                    "sft.datasets=" + dataset_list(("local/sim_demos", self.sim_demos, self.p.sim_weight),
                                                   ("local/tandem_real_demos", self.real_demos, self.p.real_weight))])
 
@@ -100,7 +101,7 @@ class Pipeline:
         eval_file = self.stage1_dir / "eval.json"
         run_stage(f"Stage I: the shipped checkpoint {self.checkpoint.relative_to(REPO) if self.checkpoint.is_relative_to(REPO) else self.checkpoint}, evaluated",
                   [PY, "-m", "common.evaluation", "--policy", str(self.checkpoint), "--workers", str(self.p.num_actors),
-                   "--seeds", f"{self.p.stage1_eval_seed}:{self.p.stage1_eval_seed + self.p.sft_eval_episodes}",
+                   "--seeds", f"{self.p.stage1_eval_seed}:{self.p.stage1_eval_seed + self.p.stage1_eval_episodes}",
                    "--out", str(eval_file), *[o for o in self.env if o.startswith("env.")]])
         summary = json.loads(eval_file.read_text())["summary"]
         history = [{"env": name, "success": summary[env]["success"], "episodes": summary[env]["episodes"],

@@ -51,10 +51,15 @@ class CoTrainLoss:
     stats: dict[str, torch.Tensor]  # detached scalars under their logged names
 
 
-def cotrain_loss(policy, sim_batch: dict, real_batch: Optional[dict], cfg) -> CoTrainLoss:
+def cotrain_loss(policy, sim_batch: dict, real_batch: Optional[dict], cfg, critic_only: bool = False) -> CoTrainLoss:
+    """total = L_RL + beta * L_SFT; with ``critic_only`` (critic warm-up) just vf_coef * value loss."""
     rl = ppo_loss(policy, sim_batch, cfg)
     stats = {f"train/{k}": v for k, v in rl.stats.items()}
     stats["train/rl_loss"] = rl.loss.detach()
+    if critic_only:
+        total = cfg.vf_coef * rl.value_loss
+        stats["actor/total_loss"] = total.detach()
+        return CoTrainLoss(total, rl.loss, None, stats)
     if cfg.use_real_data_co_training:
         if real_batch is None:
             raise ValueError("use_real_data_co_training is on but no real batch was given")
@@ -85,9 +90,24 @@ def reduce_stats(per_micro_batch: list[dict[str, torch.Tensor]], weights: list[f
 
 
 def make_optimizer(policy, cfg) -> torch.optim.Optimizer:
-    """AdamW over every trainable parameter, from the ``learner`` config."""
-    return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
-                             betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    """AdamW from the ``learner`` (or ``sft``) config: the value head at ``value_lr`` (null: ``lr``),
+    every other trainable parameter at ``lr``. ``freeze_encoder`` first freezes the observation
+    encoder (RL then trains the action expert, noise and value heads: RLinf's train_expert_only)."""
+    if cfg.get("freeze_encoder", False):
+        encoder = getattr(policy, "encoder", None)
+        if encoder is None:
+            raise ValueError(f"freeze_encoder: {type(policy).__name__} has no `encoder` module")
+        encoder.requires_grad_(False)
+    value_head = getattr(policy, "value_head", None)
+    critic_ids = {id(p) for p in value_head.parameters()} if value_head is not None else set()
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    value_lr = cfg.get("value_lr") or cfg.lr
+    groups = [{"params": [p for p in trainable if id(p) not in critic_ids], "lr": cfg.lr, "name": "actor",
+               "base_lr": cfg.lr},
+              {"params": [p for p in trainable if id(p) in critic_ids], "lr": value_lr, "name": "critic",
+               "base_lr": value_lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
 
 def split_segments(batch: dict, micro_batch_size: int) -> list[dict]:
@@ -102,7 +122,7 @@ def split_segments(batch: dict, micro_batch_size: int) -> list[dict]:
 
 
 def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
-               real_replay=None, rng: Optional[np.random.Generator] = None) -> dict[str, float]:
+               real_replay=None, rng: Optional[np.random.Generator] = None, critic_only: bool = False) -> dict[str, float]:
     """``cfg.update_epoch`` optimiser steps on one sim batch. Each step accumulates gradients over
     micro-batches of ``cfg.micro_batch_size`` segments (each with its share of
     ``cfg.real_batch_size`` real samples), clips the global grad norm to ``cfg.clip_grad`` and
@@ -110,13 +130,15 @@ def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
     samples drawn, summed)."""
     micro_batches = split_segments(sim_batch, cfg.micro_batch_size)
     num_segments = sim_batch["reward"].shape[1]
-    co_train = bool(cfg.use_real_data_co_training)
+    co_train = bool(cfg.use_real_data_co_training) and not critic_only
     if co_train and real_replay is None:
         raise ValueError("use_real_data_co_training is on but no real replay was given")
     policy.train()
     per_micro, weights, grad_norms, real_samples = [], [], [], 0
-    for _ in range(cfg.update_epoch):
+    target_kl, epochs_done = cfg.get("target_kl"), 0
+    for epoch in range(cfg.update_epoch):
         optimizer.zero_grad(set_to_none=True)
+        first_micro = len(per_micro)
         for micro in micro_batches:
             share = micro["reward"].shape[1] / num_segments
             real_batch = None
@@ -124,13 +146,23 @@ def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
                 real_batch = real_replay.sample(max(1, math.ceil(cfg.real_batch_size * share)),
                                                 policy.chunk_size, rng)
                 real_samples += len(real_batch["task"])
-            out = cotrain_loss(policy, micro, real_batch, cfg)
+            out = cotrain_loss(policy, micro, real_batch, cfg, critic_only)
             (out.total * share).backward()
             per_micro.append(out.stats)
             weights.append(share)
+        if target_kl and epoch > 0:
+            # early stop (PPO's target KL): this epoch's forward pass already moved too far from the
+            # behaviour policy, so its step is skipped and the update ends
+            kl = sum(w * float(s["train/approx_kl"]) for s, w in zip(per_micro[first_micro:], weights[first_micro:]))
+            if kl > target_kl:
+                del per_micro[first_micro:], weights[first_micro:]
+                optimizer.zero_grad(set_to_none=True)
+                break
         grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).detach())
         optimizer.step()
+        epochs_done += 1
     stats = reduce_stats(per_micro, weights, cfg)
+    stats["train/epochs_done"] = float(epochs_done)
     stats["train/grad_norm"] = float(torch.stack(grad_norms).float().mean())
     stats["train/lr"] = float(optimizer.param_groups[0]["lr"])
     stats["train/real_samples"] = float(real_samples)  # drawn over all epochs, for the learner's counters

@@ -144,6 +144,10 @@ def per_rank_config(lcfg, world_size: int) -> DictConfig:
     if lcfg.global_batch_size % world_size:
         raise ValueError(f"learner.global_batch_size ({lcfg.global_batch_size}) must be a multiple of the "
                          f"number of ranks ({world_size})")
+    unsupported = [k for k in ("critic_warmup_updates", "target_kl") if lcfg.get(k)]
+    if unsupported:
+        raise ValueError(f"learner.{unsupported} are not supported by the data-parallel learner yet: "
+                         "set them to 0/null or run one process")
     shard = lcfg.global_batch_size // world_size
     return OmegaConf.merge(lcfg, {"global_batch_size": shard, "micro_batch_size": min(lcfg.micro_batch_size, shard),
                                   "real_batch_size": math.ceil(lcfg.real_batch_size / world_size)})
@@ -332,7 +336,8 @@ class LeaderMixin:
         log.info("data-parallel learner: rank 0 of %d, %s, %s", ctx.world_size, ctx.device,
                  self.cfg.learner.distributed.strategy)
 
-    def step(self, batch: dict, cfg) -> dict:
+    def step(self, batch: dict, cfg, critic_only: bool = False) -> dict:
+        # critic_only is never set here: per_rank_config refuses critic_warmup_updates
         new_version = (self.counters.updates + 1) % cfg.weight_sync_interval == 0  # as Learner.train_once
         return self.trainer.lead(batch, bool(cfg.use_real_data_co_training), self.replay, self.rng, gather=new_version)
 

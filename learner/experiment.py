@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from common.config import run_with_config
+from common.config import load_config, run_with_config
 from common.evaluation import evaluate_policy
 from common.pipeline import PY, Pipeline, run_stage
 from common.policy import load_policy
@@ -35,7 +35,7 @@ STAGE2 = {"cotrain": ["learner.use_real_data_co_training=true"],
 
 def final_policy_dir(cond: str, pipe: Pipeline, run_dir: Path) -> Path:
     if cond == "sft":
-        return pipe.stage1_dir / "policy"
+        return pipe.stage1_policy
     ckpts = sorted((run_dir / "checkpoints").glob("ckpt-*"))
     if not ckpts:
         raise FileNotFoundError(f"{run_dir} has no checkpoint")
@@ -54,11 +54,11 @@ def heldout_sft_loss(policy, replay: RealReplay, cfg: DictConfig) -> float:
     return float(np.mean(losses))
 
 
-def evaluate(cfg: DictConfig, policy_dir: Path, seed: int, heldout: RealReplay) -> dict:
+def evaluate(cfg: DictConfig, env_cfg, policy_dir: Path, seed: int, heldout: RealReplay) -> dict:
     policy = load_policy(str(policy_dir))
     out = {"heldout_real_sft_loss": heldout_sft_loss(policy, heldout, cfg)}
     for name, proxy in (("twin", False), ("real_proxy", True)):
-        r = evaluate_policy(policy, cfg.env, real_proxy=proxy, episodes=int(cfg.experiment.eval_episodes),
+        r = evaluate_policy(policy, env_cfg, real_proxy=proxy, episodes=int(cfg.experiment.eval_episodes),
                             seed=int(cfg.experiment.eval_seed) + 1000 * seed, progress=True)
         out[name] = r["success_rate"]
         out[f"{name}_return"] = r["mean_return"]
@@ -73,9 +73,11 @@ def experiment(cfg: DictConfig, overrides: list[str]) -> int:
     if not (heldout_dir / "meta" / "info.json").exists():
         run_stage("held-out real-proxy demonstrations (never trained on)",
                   [PY, "-m", "common.twin.demos", f"out={heldout_dir}", f"episodes={cfg.experiment.heldout_episodes}",
-                   "env=real_proxy", f"image_size={cfg.env.image_size}", "repo_id=local/real_heldout",
+                   "env=real_proxy", *pipe.env, "repo_id=local/real_heldout",
                    f"seed={cfg.experiment.heldout_seed}"])
     heldout = RealReplay([{"repo_id": "local/real_heldout", "root": str(heldout_dir)}])
+    # the env every condition is scored on: this config plus the Stage I checkpoint's render settings
+    env_cfg = load_config("config", [o for o in pipe.env if o.startswith("env.")]).env
     results: dict[str, dict[int, dict]] = {c: {} for c in cfg.experiment.conditions}
     stage2_runs = []
     out_file = pipe.run / "experiment.json"
@@ -91,7 +93,7 @@ def experiment(cfg: DictConfig, overrides: list[str]) -> int:
                 continue
             if cond != "sft":
                 pipe.stage2(run_dir, [f"seed={seed}", *STAGE2[cond]], title=f"Stage II [{cond}, seed {seed}]")
-            results[cond][seed] = evaluate(cfg, final_policy_dir(cond, pipe, run_dir), seed, heldout)
+            results[cond][seed] = evaluate(cfg, env_cfg, final_policy_dir(cond, pipe, run_dir), seed, heldout)
             out_file.write_text(json.dumps({"results": results}, indent=1))
             print(f"[tandem-experiment] {cond} seed {seed}: {results[cond][seed]}", flush=True)
     pipe.report(stage2_runs, pipe.run / "report")

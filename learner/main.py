@@ -304,9 +304,9 @@ class Learner:
                                keep=self.cfg.learner.keep_checkpoints)
         log.info("checkpoint %s", path)
 
-    def step(self, batch: dict, cfg) -> dict:
+    def step(self, batch: dict, cfg, critic_only: bool = False) -> dict:
         """One update on a sim batch (``learner.distributed`` shards it over ranks instead)."""
-        return train_step(self.policy, self.optimizer, batch, cfg, self.replay, self.rng)
+        return train_step(self.policy, self.optimizer, batch, cfg, self.replay, self.rng, critic_only)
 
     def train_once(self) -> bool:
         with self.batch_lock:
@@ -320,8 +320,9 @@ class Learner:
         if self.co_train and not co_train and self.counters.updates == 0:
             log.warning("co-training is on but the real replay is empty: PPO only until real data arrives")
         step_cfg = OmegaConf.merge(lcfg, {"use_real_data_co_training": co_train}) if co_train != self.co_train else lcfg
+        critic_only = self.counters.updates < lcfg.critic_warmup_updates  # the value head learns first
         t0 = time.time()
-        stats = self.step(batch, step_cfg)
+        stats = self.step(batch, step_cfg, critic_only)
         T, B = batch["reward"].shape
         self.counters.updates += 1
         self.counters.sim_samples += T * B

@@ -262,3 +262,40 @@ def test_loss_ratio_monitor_warns_after_patience(caplog):
         assert monitor.update(2e5)  # third consecutive
         assert not monitor.update(2e5)
     assert sum("loss_ratio" in r.message for r in caplog.records) == 1
+
+
+def test_actor_and_critic_learning_rates_and_a_frozen_encoder():
+    cfg = make_cfg("learner.value_lr=2e-3", "learner.freeze_encoder=true")
+    policy = new_policy(cfg)
+    optimizer = make_optimizer(policy, cfg.learner)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert groups["actor"]["lr"] == cfg.learner.lr and groups["critic"]["lr"] == 2e-3
+    critic = {id(p) for p in policy.value_head.parameters()}
+    assert {id(p) for p in groups["critic"]["params"]} == critic
+    assert not any(p.requires_grad for p in policy.encoder.parameters())
+    assert not {id(p) for p in policy.encoder.parameters()} & {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_critic_only_updates_move_the_value_head_alone():
+    cfg = make_cfg("learner.use_real_data_co_training=false")
+    policy = new_policy(cfg)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    optimizer = make_optimizer(policy, cfg.learner)
+    train_step(policy, optimizer, make_sim_batch(policy, 2), cfg.learner, critic_only=True)
+    moved = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith(("value_head.", "encoder.")) for n in moved), moved
+    assert any(n.startswith("value_head.") for n in moved)
+    assert not any(n.startswith("expert.") for n in moved)  # the actor's head did not move
+
+
+def test_target_kl_stops_the_epochs_of_an_update():
+    cfg = make_cfg("learner.use_real_data_co_training=false", "learner.update_epoch=4")
+    sim = None
+    done = {}
+    for target in (None, 1e-12):
+        policy = new_policy(cfg)
+        sim = make_sim_batch(policy, 2)
+        c = OmegaConf.merge(cfg.learner, {"target_kl": target, "lr": 1e-3})
+        done[target] = train_step(policy, make_optimizer(policy, c), sim, c)["train/epochs_done"]
+    assert done[None] == 4.0
+    assert done[1e-12] == 1.0  # the first epoch always steps; the second is already past a tiny KL

@@ -61,7 +61,7 @@ def sft_args(run_dir, datasets, steps, eval_episodes):
     items = ", ".join(f"{{repo_id: {d['repo_id']}, root: '{d['root']}', weight: {d['weight']}}}" for d in datasets)
     return [f"run_dir={run_dir}", "policy=tiny", "device=cpu", "sft.torch_threads=1", f"env.image_size={IMG}",
             f"env.max_episode_steps={EPISODE_STEPS}", f"sft.datasets=[{items}]", f"sft.steps={steps}",
-            "sft.batch_size=16", "sft.lr=1e-3", f"sft.log_interval={LOG_INTERVAL}", "sft.eval_interval=0",
+            "sft.batch_size=16", "sft.lr=1e-3", "sft.warmup_steps=0", "sft.ema_decay=0", "sft.lr_schedule=constant", f"sft.log_interval={LOG_INTERVAL}", "sft.eval_interval=0",
             f"sft.eval_episodes={eval_episodes}", "sft.checkpoint_interval=25"]
 
 
