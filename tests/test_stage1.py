@@ -265,3 +265,20 @@ def test_parallel_evaluation_applies_the_policys_env_overrides(tmp_path):
     (d / "env_overrides.json").write_text(json.dumps({"env.image_size": 32}))
     with pytest.raises(ValueError, match="JSON list"):
         evaluate_parallel([(str(d), ["twin"], [1])], workers=1, progress=False)
+
+
+def test_the_shipped_stage1_checkpoint_loads_and_acts_at_its_render_size():
+    from common.config import CONFIG_DIR
+    from common.evaluation import policy_env_overrides
+
+    ckpt = CONFIG_DIR.parent / "checkpoints" / "stage1"
+    overrides = policy_env_overrides(str(ckpt))
+    assert overrides == ["env.image_size=128"]
+    policy = load_policy(str(ckpt)).eval()
+    assert policy.cfg["vision"]["type"] == "cnn_keypoints" and policy.num_parameters() < 3_000_000
+    assert policy.normalizer.has_stats.all()  # the demos' action/state statistics travel with it
+    obs = {"image": torch.zeros(2, 128, 128, 3, dtype=torch.uint8), "tokens": policy.tokenize(["put the red cube into the bowl"] * 2),
+           "state": torch.tensor([[0.6, 0.0, 0.2, 0.0, 1.0, 0.0, 0.0, 0.08]] * 2)}
+    chunk = policy.act(obs)
+    assert chunk.shape == (2, policy.chunk_size, 7) and torch.isfinite(chunk).all()
+    assert (chunk[..., :3].abs() <= 0.031 * 4).all()  # translations stay within a few action bounds
