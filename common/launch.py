@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 
 from common.config import run_with_config
 
+LEARNER_STOPPED_ON_TRAIN_ERRORS = 3  # learner.main's exit code after max_consecutive_train_errors
+
 
 def _cmd(module: str, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", module, *overrides]
@@ -47,8 +49,11 @@ def launch(cfg: DictConfig, overrides: list[str]) -> int:
             break
         learner_rc = procs["learner"].poll()
         if learner_rc is not None:
-            if learner_rc != 0:
-                failed.append(f"learner (exit {learner_rc})")
+            if learner_rc == LEARNER_STOPPED_ON_TRAIN_ERRORS:
+                failed.append(f"learner (exit {learner_rc}: stopped cleanly after repeated train-step errors, "
+                              "checkpoint saved; see its log)")
+            elif learner_rc != 0:
+                failed.append(f"learner (exit {learner_rc}: crashed)")
             break
         for name, p in list(procs.items()):
             rc = p.poll()

@@ -57,6 +57,28 @@ class SegmentSpec:
                 raise ValueError(f"segment array {name!r} is {a.dtype} {tuple(a.shape)}, expected {dtype} {shape}")
 
 
+FLOAT_ARRAYS = ("state", "chain", "behaviour_logp", "behaviour_value", "reward")
+FLAG_ARRAYS = ("done", "success")
+
+
+def check_segment_values(arrays: dict, vocab_size: int) -> str | None:
+    """The first value-level fault of a segment whose layout already passed ``SegmentSpec.check``,
+    as a short reason code, or None. A segment can be well-formed and still kill or poison the
+    learner: token ids outside the embedding, non-finite floats, flags other than 0/1."""
+    tokens = arrays["tokens"]
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        return "token_out_of_vocab"
+    for name in FLOAT_ARRAYS:
+        if not np.isfinite(arrays[name]).all():
+            return f"non_finite_{name}"
+    for name in FLAG_ARRAYS:
+        if arrays[name].size and int(arrays[name].max()) > 1:
+            return f"bad_flag_{name}"
+    if (arrays["success"] > arrays["done"]).any():
+        return "success_without_done"
+    return None
+
+
 def camera_hw(env_cfg) -> tuple[int, int]:
     """(height, width) of the twin's camera image: ``image_size`` (int or [H, W]) wins over
     ``camera.height/width``, as in the twin itself."""

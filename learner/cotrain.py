@@ -135,7 +135,7 @@ def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
         raise ValueError("use_real_data_co_training is on but no real replay was given")
     policy.train()
     per_micro, weights, grad_norms, real_samples = [], [], [], 0
-    target_kl, epochs_done = cfg.get("target_kl"), 0
+    target_kl, epochs_done, skipped = cfg.get("target_kl"), 0, 0
     for epoch in range(cfg.update_epoch):
         optimizer.zero_grad(set_to_none=True)
         first_micro = len(per_micro)
@@ -158,12 +158,18 @@ def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
                 del per_micro[first_micro:], weights[first_micro:]
                 optimizer.zero_grad(set_to_none=True)
                 break
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).detach()
+        if not torch.isfinite(grad_norm):  # a non-finite loss or gradient: no step, the weights stay finite
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
+        grad_norms.append(grad_norm)
         optimizer.step()
         epochs_done += 1
     stats = reduce_stats(per_micro, weights, cfg)
     stats["train/epochs_done"] = float(epochs_done)
-    stats["train/grad_norm"] = float(torch.stack(grad_norms).float().mean())
+    stats["train/skipped_nonfinite_steps"] = float(skipped)
+    stats["train/grad_norm"] = float(torch.stack(grad_norms).float().mean()) if grad_norms else float("nan")
     stats["train/lr"] = float(optimizer.param_groups[0]["lr"])
     stats["train/real_samples"] = float(real_samples)  # drawn over all epochs, for the learner's counters
     return stats

@@ -28,7 +28,8 @@ from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, EpisodeFormatE
                                 is_ack_request, message_to_episode)
 from common.policy import load_policy, make_policy
 from common.protocol import Message
-from common.segment import SegmentSpec, expected_segment_spec
+from common.launch import LEARNER_STOPPED_ON_TRAIN_ERRORS
+from common.segment import SegmentSpec, check_segment_values, expected_segment_spec
 from common.shm_ring import RING_NAME, ShmRingReader, reap_dead_rings
 from learner import distributed
 from learner.batcher import Batcher
@@ -205,6 +206,13 @@ class Learner:
             self.policy = self.policy.to(self.device)
             self.counters = LearnerCounters()
         self.segment_spec = expected_segment_spec(cfg, self.policy)
+        self.vocab_size = int(getattr(getattr(self.policy, "tokenizer", None), "vocab_size", 2**31 - 1))
+        self.train_errors = 0  # updates that raised (contained; the batch is skipped)
+        self.skipped_nonfinite = 0  # updates whose loss or gradients were not finite (no optimiser step)
+        self.exit_code = 0
+        self.consecutive_train_errors = 0
+        self.unpublished_nonfinite = 0  # weight versions withheld because a tensor was not finite
+        self._warned_at: dict[str, float] = {}
         self.optimizer = make_optimizer(self.policy, lcfg)
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
@@ -233,6 +241,11 @@ class Learner:
         except ValueError as e:
             self.ingest.dropped["bad_segment"] += 1
             log.debug("dropping segment: %s", e)
+            return
+        fault = check_segment_values(segment, self.vocab_size)
+        if fault is not None:
+            self.ingest.dropped[f"bad_segment_value:{fault}"] += 1
+            self._rate_limited_warning(f"dropping segment: {fault}")
             return
         with self.batch_lock:
             self.batcher.add(segment, policy_version, self.version)
@@ -294,8 +307,21 @@ class Learner:
 
     # -- train thread -------------------------------------------------------------------------
     def publish(self):
-        self.publisher.publish(self.version, self.policy.get_weights(), meta={"session": self.session})
+        # parameters only: some buffers are infinite by design (normaliser bounds without stats)
+        bad = [n for n, p in self.policy.named_parameters() if not bool(torch.isfinite(p).all())]
         self._last_publish = time.time()
+        if bad:  # never send poisoned weights to actors and the robot
+            self.unpublished_nonfinite += 1
+            self._rate_limited_warning(f"not publishing version {self.version}: non-finite tensors {bad[:5]}")
+            return
+        self.publisher.publish(self.version, self.policy.get_weights(), meta={"session": self.session})
+
+    def _rate_limited_warning(self, text: str, every_s: float = 10.0) -> None:
+        key = text.split(":", 1)[0]
+        now = time.time()
+        if now - self._warned_at.get(key, 0.0) >= every_s:
+            self._warned_at[key] = now
+            log.warning(text)
 
     def checkpoint(self):
         self.counters.dropped_segments = (self.batcher.dropped_stale + self.batcher.dropped_overflow
@@ -327,6 +353,7 @@ class Learner:
         self.counters.updates += 1
         self.counters.sim_samples += T * B
         self.counters.real_samples += int(stats.pop("train/real_samples", 0))
+        self.skipped_nonfinite += int(stats.get("train/skipped_nonfinite_steps", 0) > 0)
         if self.counters.updates % lcfg.weight_sync_interval == 0:
             self.counters.policy_version += 1
             self.publish()
@@ -369,7 +396,20 @@ class Learner:
                 if self.republish.is_set() or time.time() - self._last_publish > lcfg.weights_republish_s:
                     self.republish.clear()
                     self.publish()
-                if not self.train_once():
+                try:
+                    trained = self.train_once()
+                    self.consecutive_train_errors = 0
+                except Exception:  # contained: the batch is dropped, the learner goes on
+                    self.train_errors += 1
+                    self.consecutive_train_errors += 1
+                    log.exception("train step failed (%d in a row): batch skipped", self.consecutive_train_errors)
+                    if self.consecutive_train_errors >= lcfg.max_consecutive_train_errors:
+                        log.error("%d train steps in a row failed: stopping (checkpoint saved)",
+                                  self.consecutive_train_errors)
+                        self.exit_code = LEARNER_STOPPED_ON_TRAIN_ERRORS
+                        break
+                    continue
+                if not trained:
                     time.sleep(0.005)
                     continue
                 progress.update(1)
@@ -387,7 +427,7 @@ class Learner:
             self.write_summary(time.time() - t_start)
             self.metrics.close()
             self.publisher.close()
-        return 0
+        return self.exit_code
 
     def write_summary(self, duration_s: float):
         def last(env):
@@ -399,6 +439,8 @@ class Learner:
                    "duration_s": round(duration_s, 1), "co_training": self.co_train,
                    "eval_sim": last("sim"), "eval_real_proxy": last("real_proxy"),
                    "eval_history": self.eval_history, "dropped": self.ingest.dropped_total(),
+                   "train_errors": self.train_errors, "skipped_nonfinite_updates": self.skipped_nonfinite,
+                   "unpublished_nonfinite_versions": self.unpublished_nonfinite, "exit_code": self.exit_code,
                    "policy_lag_histogram": self.lag_histogram.tolist(),
                    "tensorboard": str(Path(self.cfg.learner.log_dir).resolve())}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -299,3 +299,39 @@ def test_target_kl_stops_the_epochs_of_an_update():
         done[target] = train_step(policy, make_optimizer(policy, c), sim, c)["train/epochs_done"]
     assert done[None] == 4.0
     assert done[1e-12] == 1.0  # the first epoch always steps; the second is already past a tiny KL
+
+
+def test_segment_value_checks_name_each_fault():
+    from common.segment import check_segment_values
+
+    policy = new_policy(make_cfg())
+    vocab = policy.tokenizer.vocab_size
+    good = make_segment(policy, 0)
+    assert check_segment_values(good, vocab) is None
+    faults = {
+        "token_out_of_vocab": ("tokens", lambda a: a.__setitem__((0, 0), vocab)),
+        "non_finite_reward": ("reward", lambda a: a.__setitem__(0, np.nan)),
+        "non_finite_chain": ("chain", lambda a: a.__setitem__((0, 0, 0, 0), np.inf)),
+        "non_finite_state": ("state", lambda a: a.__setitem__((1, 2), np.nan)),
+        "bad_flag_done": ("done", lambda a: a.__setitem__(0, 2)),
+    }
+    for reason, (name, corrupt) in faults.items():
+        seg = {k: v.copy() for k, v in good.items()}
+        corrupt(seg[name])
+        assert check_segment_values(seg, vocab) == reason
+    seg = {k: v.copy() for k, v in good.items()}
+    seg["done"][:] = 0
+    seg["success"][0] = 1
+    assert check_segment_values(seg, vocab) == "success_without_done"
+
+
+def test_a_non_finite_update_is_skipped_and_leaves_the_weights_finite():
+    cfg = make_cfg("learner.use_real_data_co_training=false")
+    policy = new_policy(cfg)
+    sim = make_sim_batch(policy, 2)
+    sim["reward"][0, 0] = float("nan")  # what value validation keeps out; the train step must survive it anyway
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    stats = train_step(policy, make_optimizer(policy, cfg.learner), sim, cfg.learner)
+    assert stats["train/skipped_nonfinite_steps"] == cfg.learner.update_epoch
+    assert stats["train/epochs_done"] == 0.0
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
