@@ -20,6 +20,7 @@ mid-save leaves the previous complete copy. Re-running the same command resumes 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -112,7 +113,7 @@ class Prefetcher:
         try:
             while not self.stopped.is_set():
                 batch = replay.sample(batch_size, policy.chunk_size, rng)
-                with torch.cuda.stream(stream) if stream is not None else _null():
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     item = sft_inputs(policy, batch, device)
                     event = torch.cuda.Event() if stream is not None else None
                     if event is not None:
@@ -141,14 +142,6 @@ class Prefetcher:
     def close(self) -> None:
         self.stopped.set()
         self.thread.join(timeout=5)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----- resumable training state ---------------------------------------------------------------
