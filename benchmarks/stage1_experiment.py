@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -159,7 +160,7 @@ def phase_eval(a, w: Path) -> None:
         # its own training layouts: twin worker 0's seeds and real-proxy worker 0's (the first demos of each)
         train_copy = main / "policy_train_seeds"
         if not train_copy.exists():
-            subprocess.run(["cp", "-r", str(main / "policy"), str(train_copy)], check=True)
+            shutil.copytree(main / "policy", train_copy)
         jobs.append((str(train_copy), ["twin"], list(range(0, a.train_seed_episodes))))
         jobs.append((str(train_copy), ["real_proxy"], list(range(REAL_SEED, REAL_SEED + a.train_seed_episodes))))
         for snap in sorted((main / "snapshots").glob("step_*"))[:-1]:  # the last one is the final policy

@@ -138,7 +138,7 @@ def merge_sources(name: str, weight: float, parts: Sequence[ReplaySource]) -> Re
     return ReplaySource(
         name, float(weight), np.concatenate([p.image for p in parts]), np.concatenate([p.state for p in parts]),
         np.concatenate([p.action for p in parts]),
-        np.concatenate([np.array([tasks.index(p.tasks[i]) for i in p.task_index], np.int64) for p in parts]),
+        np.concatenate([np.array([tasks.index(t) for t in p.tasks], np.int64)[p.task_index] for p in parts]),
         np.concatenate([p.episode_end + o for p, o in zip(parts, offsets)]), tasks,
         sum(p.num_episodes for p in parts),
         np.concatenate([p.privileged for p in parts]) if labelled else None)
