@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from actors.env_pool import EnvPool
+from common.device import resolve_device
 from common.channels import ControlClient, DataSender, WeightSubscriber
 from common.config import run_with_config
 from common.evaluation import run_episode
@@ -28,13 +29,8 @@ from common.protocol import Message
 from common.segment import SegmentSpec
 from common.shm_ring import ShmRingWriter
 
+WAIT_NOTE_INTERVAL_S = 15.0  # how often a waiting actor says what it waits for
 log = logging.getLogger("tandem.actor")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Actor:
@@ -132,10 +128,18 @@ class Actor:
             self.learner_session = session
 
     def wait_for_weights(self):
-        log.info("%s: waiting for the learner's weights", self.id)
+        t = self.cfg.transport
+        log.info("%s: waiting for the learner's weights on %s (control %s)", self.id, t.weights_endpoint,
+                 t.control_endpoint)
+        t0 = last_note = time.time()
         while not self.stop and self.version < 0:
             self.heartbeat(force=True, extra={"want_weights": True})
-            self.maybe_update_weights(timeout_ms=int(self.cfg.transport.heartbeat_interval_s * 1000))
+            self.maybe_update_weights(timeout_ms=int(t.heartbeat_interval_s * 1000))
+            if self.version < 0 and time.time() - last_note >= WAIT_NOTE_INTERVAL_S:
+                last_note = time.time()
+                log.warning("%s: no weights from a learner at %s after %.0f s; is tandem-learner running with "
+                            "the same transport.* endpoints (and CURVE keys)? Still retrying.", self.id,
+                            t.weights_endpoint, last_note - t0)
 
     # -- rollouts -------------------------------------------------------------------------
     def ensure_ring(self, spec: SegmentSpec):

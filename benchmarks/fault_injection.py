@@ -47,7 +47,7 @@ CONFIG_OVERRIDES = ["policy=tiny", "actor.rollout_steps=2", f"env.image_size={DE
                     "transport.peer_timeout_s=3", "transport.request_timeout_ms=500",
                     "transport.reconnect_ivl_ms=50", "transport.reconnect_ivl_max_ms=200"]
 EPISODE_FRAMES = 3
-EPISODE_IMAGE = 8
+EPISODE_IMAGE = DEFAULT_IMAGE_SIZE  # the learner refuses episodes of another size than its camera's
 STATUS_TIMEOUT_MS = 500
 # dtypes the Batcher changed on the way to the batch (learner/batcher.py FLOAT_KEYS, LONG_KEYS)
 WIRE_DTYPES = {"done": np.uint8, "success": np.uint8, "tokens": np.int32}
@@ -105,6 +105,7 @@ class CheckingLearner:
     def __init__(self, cfg, work: Path, update_delay_s: float, batch_size: int, store_delay_s: float = 0.0):
         from common.channels import WeightPublisher
         from learner.batcher import Batcher
+        from common.episode_msg import expected_episode_spec
         from learner.main import Ingest
         self.cfg = cfg
         self.session = uuid.uuid4().hex[:8]
@@ -114,6 +115,7 @@ class CheckingLearner:
         self.store_delay_s = store_delay_s  # stands for the time a real dataset write takes
         self.batcher = Batcher(batch_size, int(cfg.learner.max_policy_lag), int(cfg.learner.max_queued_segments))
         self.segment_spec = spec_from_config(cfg)  # the layout the real learner checks notices against
+        self.episode_spec = expected_episode_spec(cfg)  # and what it accepts of a real episode
         self.batch_lock = threading.Lock()
         self.events = Journal(work / "events.jsonl")     # corrupt segments, duplicates
         self.stores = Journal(work / "stores.jsonl")     # one line per episode stored

@@ -5,6 +5,7 @@ Every ``tandem-*`` command composes ``configs/<name>.yaml`` and applies the comm
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,13 +22,26 @@ def load_config(config_name: str = "config", overrides: Sequence[str] = ()) -> D
         return compose(config_name=config_name, overrides=list(overrides))
 
 
+# Errors a user can act on (a bad value, a missing file or device, an absent learner): one line
+# naming the problem, no traceback (TANDEM_TRACEBACK=1 shows it).
+USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, ConnectionError, ImportError, KeyError)
+USER_ERROR_EXIT = 2
+
+
+def _help_text(prog: str, config_name: str) -> str:
+    doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
+    usage = f"usage: {prog} [--cfg] [key=value ...]   (Hydra overrides of configs/{config_name}.yaml; --cfg prints it)"
+    return f"{usage}\n\n{doc}" if doc else usage
+
+
 def run_with_config(fn: Callable[[DictConfig], int | None], config_name: str = "config",
                     argv: Sequence[str] | None = None) -> int:
-    """Entry-point body: parse overrides from argv, ``--cfg`` prints the composed config."""
+    """Entry-point body: parse overrides from argv, ``--cfg`` prints the composed config, ``--help``
+    the command's own description; a user error ends in one line and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
+    prog = Path(sys.argv[0]).name
     if args and args[0] in ("-h", "--help"):
-        prog = Path(sys.argv[0]).name
-        print(f"usage: {prog} [--cfg] [key=value ...]   (Hydra overrides of configs/{config_name}.yaml)")
+        print(_help_text(prog, config_name))
         return 0
     show = "--cfg" in args
     args = [a for a in args if a != "--cfg"]
@@ -35,4 +49,12 @@ def run_with_config(fn: Callable[[DictConfig], int | None], config_name: str = "
     if show:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    return int(fn(cfg) or 0)
+    try:
+        return int(fn(cfg) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("TANDEM_TRACEBACK"):
+            raise
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"[{prog}] error ({type(e).__name__}): {text}\n"
+              f"[{prog}] (TANDEM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return USER_ERROR_EXIT

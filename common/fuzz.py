@@ -41,8 +41,8 @@ import numpy as np
 import zmq
 
 from common.channels import ControlClient
-from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, Episode, EpisodeFormatError,
-                                episode_to_message, message_to_episode)
+from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, Episode, EpisodeFormatError, EpisodeSpec,
+                                episode_to_message, expected_episode_spec, message_to_episode)
 from common.protocol import KINDS, PROTOCOL_VERSION, Limits, Message, ProtocolError, decode, encode
 from common.segment import SegmentSpec
 from common.shm_ring import RING_NAME, ShmRingReader, ShmRingWriter
@@ -104,8 +104,10 @@ class FuzzReport:
 
 
 class Predictor:
-    def __init__(self, limits: Limits, live_rings: set[str], spec: SegmentSpec, ring_prefix: str = "tandem_"):
+    def __init__(self, limits: Limits, live_rings: set[str], spec: SegmentSpec, ring_prefix: str = "tandem_",
+                 episode_spec: EpisodeSpec | None = None):
         self.limits, self.spec, self.ring_prefix = limits, spec, ring_prefix
+        self.episode_spec = episode_spec
         self.live_rings = live_rings  # rings the learner has attached (the good stream's)
 
     def data(self, frames: list) -> tuple[dict, str] | None:
@@ -161,9 +163,9 @@ class Predictor:
 
     def episode(self, msg: Message) -> tuple[dict, str] | None:
         try:
-            message_to_episode(msg)
-        except EpisodeFormatError:
-            return {"bad_episode": 1}, "bad_episode"
+            message_to_episode(msg, self.episode_spec)
+        except EpisodeFormatError as e:
+            return {f"bad_episode:{e.reason}": 1}, f"bad_episode:{e.reason}"
         except Exception:
             return {"ingest_error": 1}, "ingest_error"
         return None  # well formed: the learner would store it
@@ -459,7 +461,7 @@ def run_fuzz(messages: int, cfg, data_endpoint: str, control_endpoint: str, seed
             raise RuntimeError("the learner did not start training on the good stream")
         before = first.meta["dropped"]
         report.updates_before = first.meta["updates"]
-        predictor = Predictor(limits, {good.actor.ring.name}, spec)
+        predictor = Predictor(limits, {good.actor.ring.name}, spec, episode_spec=expected_episode_spec(cfg))
         gens = Generators(rng, spec, limits, good.actor.ring.name, decoy.name, not_a_ring.name)
         while report.sent < messages:
             name, channel, frames = gens.draw()

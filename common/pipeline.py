@@ -49,7 +49,9 @@ class Pipeline:
         if cfg.get("size_name"):
             self.env.insert(0, f"+size={cfg.size_name}")
         self.sim_demos = self.run / "data" / "sim_demos"
-        self.real_demos = self.run / "data" / "real_demos"
+        # an existing real(-proxy) LeRobot dataset, or the collector's episodes in run_dir
+        self.real_demos = Path(self.p.real_dataset).resolve() if self.p.get("real_dataset") else \
+            self.run / "data" / "real_demos"
         self.stage1_dir = self.run / "stage1"
         self.checkpoint = None  # the shipped Stage I policy, when Stage II starts from it
         if self.p.stage1_checkpoint:
@@ -72,7 +74,11 @@ class Pipeline:
             run_stage("expert demonstrations in the twin",
                       [PY, "-m", "common.twin.demos", f"out={self.sim_demos}", f"episodes={self.p.sim_demos}",
                        "env=twin", *self.env, "repo_id=local/sim_demos"])
-        if not self._done(self.real_demos / "meta" / "info.json"):
+        if self.p.get("real_dataset"):
+            if not any(self.real_demos.glob("**/meta/info.json")):
+                raise SystemExit(f"[tandem] pipeline.real_dataset={self.p.real_dataset}: no LeRobot dataset there "
+                                 "(meta/info.json, or part_XX/meta/info.json); null collects pipeline.real_demos")
+        elif not self._done(self.real_demos / "meta" / "info.json"):
             run_stage("collector demonstrations on the real proxy (simulated robot, scripted teleop)",
                       [PY, "-m", "realrobot.collector", f"run_dir={self.run / 'collect'}", *self.env, *self.shared,
                        "teleop=scripted", "collect.prompt.type=auto", f"collect.num_episodes={self.p.real_demos}",
@@ -110,14 +116,17 @@ class Pipeline:
         out.write_text(json.dumps({"checkpoint": str(self.checkpoint), "eval_history": history,
                                    "eval_sim": history[0], "eval_real_proxy": history[1]}, indent=1))
 
+    def stage2_command(self, run_dir: Path, extra: list[str] = ()) -> list[str]:
+        """tandem-run (learner + actors as separate processes) from the Stage I policy; ``extra`` last."""
+        return [PY, "-m", "common.launch", f"run_dir={run_dir}", *self.env, *self.shared,
+                f"learner.model_path={self.stage1_policy}",
+                "learner.real_datasets=" + dataset_list(("local/tandem_real_demos", self.real_demos, 1.0)),
+                f"learner.total_updates={self.p.stage2_updates}",
+                f"learner.max_duration_s={self.p.stage2_max_duration_s}",
+                f"launch.num_actors={self.p.num_actors}", *self.p.stage2_overrides, *extra]
+
     def stage2(self, run_dir: Path, extra: list[str] = (), title: str = "Stage II: co-training") -> dict:
-        run_stage(f"{title} (learner + actors as separate processes)",
-                  [PY, "-m", "common.launch", f"run_dir={run_dir}", *self.env, *self.shared,
-                   f"learner.model_path={self.stage1_policy}",
-                   "learner.real_datasets=" + dataset_list(("local/tandem_real_demos", self.real_demos, 1.0)),
-                   f"learner.total_updates={self.p.stage2_updates}",
-                   f"learner.max_duration_s={self.p.stage2_max_duration_s}",
-                   f"launch.num_actors={self.p.num_actors}", *self.p.stage2_overrides, *extra])
+        run_stage(f"{title} (learner + actors as separate processes)", self.stage2_command(run_dir, extra))
         return json.loads((run_dir / "summary.json").read_text())
 
     def report(self, runs: list[Path], out: Path) -> None:

@@ -170,11 +170,6 @@ class SecurityConfig:
                 "`tandem-keys` output and set transport.security.keys_dir (or the key paths)")
         return ClientSecurity.load(self.client_secret_key, self.server_public_key)
 
-    def check_learner(self, endpoints: list[str]) -> None:
-        """Fail fast, before a learner loads anything, when one of its binds would be refused."""
-        for endpoint in endpoints:
-            self.for_server(endpoint)
-
 
 def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
     try:

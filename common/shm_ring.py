@@ -406,11 +406,6 @@ class ShmRingWriter:
         self.reclaimed += freed
         return freed
 
-    def abort(self, slot: SlotView) -> None:
-        """Give back an acquired slot without committing it."""
-        if int(self._ring.slots["seq"][slot.index]) == slot.seq:
-            self._ring.slots["state"][slot.index] = FREE
-
     def states(self) -> list[str]:
         return self._ring.states()
 

@@ -11,6 +11,17 @@ from common.config import run_with_config
 from common.protocol import Message
 
 
+def _num(value, spec: str) -> str:
+    """A number in ``spec``, or '?' for anything else a (possibly hostile) reply holds there."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "?"
+    return format(value, spec)
+
+
+def _text(value, limit: int = 64) -> str:
+    return str(value)[:limit]
+
+
 def status(cfg: DictConfig) -> int:
     client = ControlClient.from_config(cfg.transport, identity="tandem-status")
     try:
@@ -20,17 +31,20 @@ def status(cfg: DictConfig) -> int:
     if reply is None:
         print(f"no answer from the learner at {cfg.transport.control_endpoint}", file=sys.stderr)
         return 1
-    s = reply.meta
-    print(f"learner  version {reply.policy_version}  updates {s.get('updates')}  "
-          f"samples/s {s.get('samples_per_s', 0):.1f}  queue {s.get('queue_depth')}  "
-          f"real replay {s.get('real_episodes')} episodes / {s.get('real_frames')} frames")
-    print(f"policy lag  mean {s.get('lag_mean', 0):.2f}  max {s.get('lag_max', 0)}   dropped {s.get('dropped')}")
-    actors = s.get("actors", {})
+    s = reply.meta if isinstance(reply.meta, dict) else {}
+    print(f"learner  version {_text(reply.policy_version)}  updates {_text(s.get('updates'))}  "
+          f"samples/s {_num(s.get('samples_per_s'), '.1f')}  queue {_text(s.get('queue_depth'))}  "
+          f"real replay {_text(s.get('real_episodes'))} episodes / {_text(s.get('real_frames'))} frames")
+    print(f"policy lag  mean {_num(s.get('lag_mean'), '.2f')}  max {_text(s.get('lag_max'))}   "
+          f"dropped {_text(s.get('dropped'), 400)}")
+    actors = s.get("actors") if isinstance(s.get("actors"), dict) else {}
     print(f"actors connected: {len(actors)}")
-    for name, a in sorted(actors.items()):
-        print(f"  {name:18s} mode {a.get('mode', '?'):5s} env-steps/s {a.get('env_steps_per_s', 0):7.1f}  "
-              f"episodes {a.get('episodes', 0):5d}  success {a.get('success_rate', -1):.2f}  "
-              f"version {a.get('policy_version')}  last seen {a.get('age_s', 0):.1f}s ago")
+    for name, a in sorted(actors.items(), key=lambda kv: str(kv[0])):
+        a = a if isinstance(a, dict) else {}
+        print(f"  {_text(name, 18):18s} mode {_text(a.get('mode', '?'), 5):5s} "
+              f"env-steps/s {_num(a.get('env_steps_per_s'), '7.1f')}  episodes {_num(a.get('episodes'), '5.0f')}  "
+              f"success {_num(a.get('success_rate'), '.2f')}  version {_text(a.get('policy_version'))}  "
+              f"last seen {_num(a.get('age_s'), '.1f')}s ago")
     if "--json" in sys.argv:
         print(json.dumps(s, indent=2, default=str))
     return 0

@@ -1,51 +1,52 @@
 """`tandem-experiment`: co-training against plain PPO against no Stage II, from one Stage I.
 
     tandem-experiment                 # CPU scale (configs/size/cpu.yaml)
-    tandem-experiment size=gpu        # one-GPU scale
+    tandem-experiment size=gpu        # one-GPU scale (configs/size/gpu.yaml)
 
 Per seed, Stage II runs with co-training (``use_real_data_co_training=true``) and as plain PPO
-(``false``); every condition, Stage I's checkpoint included, gets the same final deterministic
-evaluation on the twin and on the real proxy (paired episode seeds). Writes ``experiment.md``
-(mean +- std over seeds) and ``experiment.json``, and plots the Stage II runs with tandem-report.
+(``false``), ``experiment.concurrent`` runs at a time (each its own tandem-run on its own ports).
+Every condition, Stage I's policy included, is then scored by one parallel deterministic
+evaluation (``tandem-eval``'s workers) on the same held-out episode seeds of the twin and the real
+proxy: the final policy of each run on ``eval_episodes``, its intermediate checkpoints on the
+first ``curve_episodes`` of them (success against env steps). A re-run continues: finished Stage II
+runs and evaluated policies are kept.
 
-Besides success, two measures that move before success does: the mean episode return on each
-env (``env.reward_mode``, dense at the CPU scale), and the flow-matching (SFT) loss on held-out
-real-proxy demonstrations, i.e. how much of what the real data taught is kept.
+Besides success, two measures that move before success does: the mean episode return on each env,
+and the flow-matching (SFT) loss on held-out real-proxy demonstrations, i.e. how much of what the
+real data taught is kept. Writes ``experiment.json``, ``experiment.md``, the plots
+``success_vs_env_steps.png`` and ``heldout_sft_loss.png``, the TensorBoard report of the Stage II
+runs, and ``stage2_cotrain/`` (the co-trained policy of the first seed, with its env overrides).
 """
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from common.config import load_config, run_with_config
-from common.evaluation import evaluate_policy
+from common.config import run_with_config
+from common.evaluation import ENV_OVERRIDES_FILE, evaluate_parallel
 from common.pipeline import PY, Pipeline, run_stage
 from common.policy import load_policy
+from learner.checkpoint import list_checkpoints, load_checkpoint
 from learner.cotrain import sft_inputs
 from learner.real_replay import RealReplay
 
 STAGE2 = {"cotrain": ["learner.use_real_data_co_training=true"],
           "ppo": ["learner.use_real_data_co_training=false"]}
-
-
-def final_policy_dir(cond: str, pipe: Pipeline, run_dir: Path) -> Path:
-    if cond == "sft":
-        return pipe.stage1_policy
-    ckpts = sorted((run_dir / "checkpoints").glob("ckpt-*"))
-    if not ckpts:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint")
-    return ckpts[-1] / "policy"
+ENVS = ("twin", "real_proxy")
 
 
 @torch.no_grad()
 def heldout_sft_loss(policy, replay: RealReplay, cfg: DictConfig) -> float:
     """Mean SFT loss on fixed batches of held-out real demos (same batches and noise for every policy)."""
-    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    rng, gen = np.random.default_rng(0), torch.Generator(device=policy.device).manual_seed(0)
     losses = []
     for _ in range(int(cfg.experiment.heldout_batches)):
         obs, actions, pad = sft_inputs(policy, replay.sample(int(cfg.experiment.heldout_batch_size),
@@ -54,77 +55,240 @@ def heldout_sft_loss(policy, replay: RealReplay, cfg: DictConfig) -> float:
     return float(np.mean(losses))
 
 
-def evaluate(cfg: DictConfig, env_cfg, policy_dir: Path, seed: int, heldout: RealReplay) -> dict:
-    policy = load_policy(str(policy_dir))
-    out = {"heldout_real_sft_loss": heldout_sft_loss(policy, heldout, cfg)}
-    for name, proxy in (("twin", False), ("real_proxy", True)):
-        r = evaluate_policy(policy, env_cfg, real_proxy=proxy, episodes=int(cfg.experiment.eval_episodes),
-                            seed=int(cfg.experiment.eval_seed) + 1000 * seed, progress=True)
-        out[name] = r["success_rate"]
-        out[f"{name}_return"] = r["mean_return"]
-    return out
+def stage2_runs(cfg: DictConfig, pipe: Pipeline) -> dict[tuple[str, int], Path]:
+    return {(cond, int(seed)): pipe.run / f"seed{seed}" / cond
+            for seed in cfg.experiment.seeds for cond in cfg.experiment.conditions if cond != "sft"}
+
+
+def port_overrides(slot: int, base_port: int) -> list[str]:
+    """Distinct loopback ports per concurrent tandem-run."""
+    ports = [base_port + 3 * slot + i for i in range(3)]
+    return [f"transport.{name}_endpoint=tcp://127.0.0.1:{port}"
+            for name, port in zip(("data", "weights", "control"), ports)]
+
+
+def run_stage2_all(cfg: DictConfig, pipe: Pipeline, runs: dict[tuple[str, int], Path]) -> None:
+    """Every unfinished Stage II run, ``experiment.concurrent`` at a time; each logs to ``RUN.log``."""
+    todo = [(key, d) for key, d in runs.items() if not (d / "summary.json").exists()]
+    concurrent = max(1, int(cfg.experiment.concurrent))
+    for start in range(0, len(todo), concurrent):
+        group, procs, t0 = todo[start:start + concurrent], [], time.time()
+        print(f"\n=== Stage II: {', '.join(f'{c} seed {s}' for (c, s), _ in group)} at once", flush=True)
+        for slot, ((cond, seed), run_dir) in enumerate(group):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cmd = pipe.stage2_command(run_dir, [f"seed={seed}", *STAGE2[cond],
+                                                *port_overrides(slot, int(cfg.experiment.base_port))])
+            print("$", " ".join(cmd), flush=True)
+            log = open(run_dir.with_suffix(".log"), "w")
+            procs.append((cond, seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        failed = []
+        for cond, seed, proc, log in procs:
+            if proc.wait() != 0:
+                failed.append(f"{cond} seed {seed} (exit {proc.returncode}, log {runs[(cond, seed)].with_suffix('.log')})")
+            log.close()
+        if failed:
+            raise SystemExit(f"[tandem-experiment] Stage II failed: {', '.join(failed)}")
+        print(f"=== Stage II group done in {time.time() - t0:.0f} s", flush=True)
+
+
+def run_points(run_dir: Path, exec_horizon: int) -> list[dict]:
+    """The checkpoints of a Stage II run as curve points: policy dir, updates, env steps trained on."""
+    points = []
+    for ckpt in list_checkpoints(run_dir / "checkpoints"):
+        counters = json.loads((ckpt / "meta.json").read_text())["counters"]
+        points.append({"policy": str(ckpt / "policy"), "updates": counters["updates"],
+                       "sim_chunk_steps": counters["sim_samples"], "env_steps": counters["sim_samples"] * exec_horizon,
+                       "real_samples": counters["real_samples"]})
+    if not points:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint")
+    return points
+
+
+def evaluate_all(cfg: DictConfig, pipe: Pipeline, runs: dict, env_overrides: list[str]) -> dict:
+    """One parallel evaluation of every policy not yet in ``eval.json``: Stage I and each run's last
+    checkpoint on ``eval_episodes`` seeds, the other checkpoints on the first ``curve_episodes``."""
+    e = cfg.experiment
+    seeds = list(range(int(e.eval_seed), int(e.eval_seed) + int(e.eval_episodes)))
+    curve_seeds = seeds[:int(e.curve_episodes)]
+    exec_horizon = load_policy(str(pipe.stage1_policy)).exec_horizon
+    jobs = {str(pipe.stage1_policy): seeds}
+    for run_dir in runs.values():
+        points = run_points(run_dir, exec_horizon)
+        for i, pt in enumerate(points):
+            jobs[pt["policy"]] = seeds if i == len(points) - 1 else curve_seeds
+    out_file = pipe.run / "eval.json"
+    done = json.loads(out_file.read_text()) if out_file.exists() else {}
+    todo = [(d, list(ENVS), s) for d, s in jobs.items()
+            if d not in done or any(done[d]["summary"][env]["episodes"] != len(s) for env in ENVS)]
+    if todo:
+        t0 = time.time()
+        done.update(evaluate_parallel(todo, int(e.eval_workers), str(e.eval_device), env_overrides, threads=1))
+        print(f"[tandem-experiment] {sum(len(s) * len(ENVS) for _, _, s in todo)} evaluation episodes in "
+              f"{time.time() - t0:.0f} s", flush=True)
+        out_file.write_text(json.dumps(done))
+    return done
+
+
+def collect_results(cfg: DictConfig, pipe: Pipeline, runs: dict, evals: dict, heldout: RealReplay) -> dict:
+    """Per condition and seed: final success/return per env, held-out real SFT loss, and the curve."""
+    device = str(cfg.experiment.eval_device)
+    losses: dict[str, float] = {}
+
+    def point(policy_dir: str, extra: dict) -> dict:
+        if policy_dir not in losses:
+            losses[policy_dir] = heldout_sft_loss(load_policy(policy_dir, map_location=device), heldout, cfg)
+        s = evals[policy_dir]["summary"]
+        out = dict(extra, heldout_real_sft_loss=losses[policy_dir])
+        for env in ENVS:
+            out.update({env: s[env]["success"], f"{env}_ci95": s[env]["ci95"], f"{env}_episodes": s[env]["episodes"],
+                        f"{env}_return": s[env]["mean_return"]})
+        return out
+
+    exec_horizon = load_policy(str(pipe.stage1_policy)).exec_horizon
+    stage1 = point(str(pipe.stage1_policy), {"updates": 0, "env_steps": 0})
+    results: dict[str, dict] = {"sft": {int(seed): stage1 for seed in cfg.experiment.seeds}}
+    for (cond, seed), run_dir in runs.items():
+        curve = [stage1] + [point(pt["policy"], pt) for pt in run_points(run_dir, exec_horizon)]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        results.setdefault(cond, {})[seed] = dict(curve[-1], curve=curve, duration_s=summary["duration_s"],
+                                                  dropped_segments=summary["dropped"])
+    return results
+
+
+def check_targets(results: dict) -> list[str]:
+    """The issue's targets, per seed: co-training twin >= Stage I + 15 points and real proxy >= Stage I
+    - 3 points; plain PPO below co-training on real-proxy success or above it on held-out SFT loss."""
+    lines = []
+    stage1 = next(iter(results["sft"].values()))
+    for seed, r in sorted(results.get("cotrain", {}).items()):
+        twin, real = r["twin"] - stage1["twin"], r["real_proxy"] - stage1["real_proxy"]
+        lines.append(f"- seed {seed}: co-training twin {twin:+.3f} vs Stage I (target >= +0.15: "
+                     f"{'met' if twin >= 0.15 else 'not met'}), real proxy {real:+.3f} (target >= -0.03: "
+                     f"{'met' if real >= -0.03 else 'not met'})")
+        ppo = results.get("ppo", {}).get(seed)
+        if ppo:
+            shows = ppo["real_proxy"] < r["real_proxy"] or ppo["heldout_real_sft_loss"] > r["heldout_real_sft_loss"]
+            lines.append(f"  plain PPO: real proxy {ppo['real_proxy']:.3f} vs {r['real_proxy']:.3f}, held-out real SFT "
+                         f"loss {ppo['heldout_real_sft_loss']:.3f} vs {r['heldout_real_sft_loss']:.3f} "
+                         f"({'shows' if shows else 'does not show'} what co-training prevents)")
+    return lines
+
+
+def write_table(cfg: DictConfig, pipe: Pipeline, results: dict) -> None:
+    p = cfg.pipeline
+    e = cfg.experiment
+    stage1 = f"checkpoint `{p.stage1_checkpoint}`" if p.stage1_checkpoint else \
+        f"{p.sim_demos} twin + {p.real_demos} real-proxy demos, {p.sft_steps} SFT steps"
+    lines = ["# Co-training experiment", "",
+             f"Scale: `{cfg.get('size_name', 'custom')}`; Stage I: {stage1}; env overrides {pipe.env}; Stage II "
+             f"{p.stage2_updates} updates (at most {p.stage2_max_duration_s} s) x {cfg.learner.global_batch_size} "
+             f"segments of {cfg.actor.rollout_steps} chunk-steps, {p.num_actors} actor(s) x {cfg.actor.num_envs} env(s), "
+             f"reward `{cfg.env.reward_mode}`, {e.concurrent} run(s) at once; evaluation: {e.eval_episodes} "
+             f"deterministic episodes per env and policy (seeds {e.eval_seed}.., the same for every condition "
+             f"and seed), curve points {e.curve_episodes}; training seeds {list(e.seeds)}.", "",
+             "| condition | twin success | real-proxy success | twin return | real-proxy return | "
+             "held-out real SFT loss | env steps |", "|---|---|---|---|---|---|---|"]
+    for cond, per_seed in results.items():
+        cells = []
+        for key in ("twin", "real_proxy", "twin_return", "real_proxy_return", "heldout_real_sft_loss", "env_steps"):
+            v = np.array([r[key] for r in per_seed.values()], dtype=float)
+            cells.append(f"{v.mean():.3f} +- {v.std():.3f}" if key != "env_steps" else f"{v.mean():.0f}")
+        lines.append(f"| {cond} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean +- std over seeds (Stage I is one policy: its std is 0). Per seed:", "",
+              "| condition | seed | twin (95% CI) | real proxy (95% CI) | held-out SFT loss | updates | env steps |",
+              "|---|---|---|---|---|---|---|"]
+    for cond, per_seed in results.items():
+        for seed, r in sorted(per_seed.items()):
+            lines.append(f"| {cond} | {seed} | {r['twin']:.3f} ({r['twin_ci95'][0]:.2f}-{r['twin_ci95'][1]:.2f}) | "
+                         f"{r['real_proxy']:.3f} ({r['real_proxy_ci95'][0]:.2f}-{r['real_proxy_ci95'][1]:.2f}) | "
+                         f"{r['heldout_real_sft_loss']:.3f} | {r['updates']} | {r['env_steps']} |")
+    lines += ["", "Targets:", "", *check_targets(results), "",
+              "Plots: `success_vs_env_steps.png`, `heldout_sft_loss.png`; training curves: `report/report.md`."]
+    (pipe.run / "experiment.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def plot_curves(results: dict, out_dir: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"cotrain": "tab:blue", "ppo": "tab:red"}
+    stage1 = next(iter(results["sft"].values()))
+    panels = [("twin", "twin success"), ("real_proxy", "real-proxy success")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (env, title) in zip(axes, panels):
+        ax.axhline(stage1[env], color="gray", ls="--", label="Stage I")
+        for cond, per_seed in results.items():
+            for i, (seed, r) in enumerate(sorted(per_seed.items())):
+                if "curve" not in r:
+                    continue
+                ax.plot([p["env_steps"] for p in r["curve"]], [p[env] for p in r["curve"]], "o-",
+                        color=colors.get(cond), alpha=0.85, label=cond if i == 0 else None)
+        ax.set(title=title, xlabel="env steps trained on", ylabel="success (held-out seeds)", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "success_vs_env_steps.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.axhline(stage1["heldout_real_sft_loss"], color="gray", ls="--", label="Stage I")
+    for cond, per_seed in results.items():
+        for i, (seed, r) in enumerate(sorted(per_seed.items())):
+            if "curve" in r:
+                ax.plot([p["env_steps"] for p in r["curve"]], [p["heldout_real_sft_loss"] for p in r["curve"]], "o-",
+                        color=colors.get(cond), alpha=0.85, label=cond if i == 0 else None)
+    ax.set(title="held-out real-proxy SFT loss (what the real data taught)", xlabel="env steps trained on",
+           ylabel="flow-matching loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "heldout_sft_loss.png", dpi=110)
+    plt.close(fig)
+
+
+def ship_cotrained(pipe: Pipeline, runs: dict, env_overrides: list[str]) -> None:
+    """The co-trained policy of the first seed as ``stage2_cotrain/`` (a checkpoints/stage1-style folder)."""
+    key = next((k for k in runs if k[0] == "cotrain"), None)
+    if key is None:
+        return
+    src = Path(run_points(runs[key], 1)[-1]["policy"])
+    dst = pipe.run / "stage2_cotrain"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    (dst / ENV_OVERRIDES_FILE).write_text(json.dumps(env_overrides))
+
+
+def heldout_replay(cfg: DictConfig, pipe: Pipeline) -> RealReplay:
+    heldout_dir = pipe.run / "data" / "real_heldout"
+    if not any(heldout_dir.glob("**/meta/info.json")):
+        run_stage("held-out real-proxy demonstrations (never trained on)",
+                  [PY, "-m", "common.twin.demos", f"out={heldout_dir}", f"episodes={cfg.experiment.heldout_episodes}",
+                   f"workers={cfg.experiment.heldout_workers}", "env=real_proxy", *pipe.env,
+                   "repo_id=local/real_heldout", f"seed={cfg.experiment.heldout_seed}"])
+    return RealReplay([{"repo_id": "local/real_heldout", "root": str(heldout_dir)}])
 
 
 def experiment(cfg: DictConfig, overrides: list[str]) -> int:
     pipe = Pipeline(cfg, overrides)
     pipe.demos()
-    pipe.stage1()
-    heldout_dir = pipe.run / "data" / "real_heldout"
-    if not (heldout_dir / "meta" / "info.json").exists():
-        run_stage("held-out real-proxy demonstrations (never trained on)",
-                  [PY, "-m", "common.twin.demos", f"out={heldout_dir}", f"episodes={cfg.experiment.heldout_episodes}",
-                   "env=real_proxy", *pipe.env, "repo_id=local/real_heldout",
-                   f"seed={cfg.experiment.heldout_seed}"])
-    heldout = RealReplay([{"repo_id": "local/real_heldout", "root": str(heldout_dir)}])
-    # the env every condition is scored on: this config plus the Stage I checkpoint's render settings
-    env_cfg = load_config("config", [o for o in pipe.env if o.startswith("env.")]).env
-    results: dict[str, dict[int, dict]] = {c: {} for c in cfg.experiment.conditions}
-    stage2_runs = []
-    out_file = pipe.run / "experiment.json"
-    if out_file.exists():  # a re-run continues: finished (condition, seed) pairs are kept
-        for c, per_seed in json.loads(out_file.read_text())["results"].items():
-            results.setdefault(c, {}).update({int(s): v for s, v in per_seed.items()})
-    for seed in cfg.experiment.seeds:
-        for cond in cfg.experiment.conditions:
-            run_dir = pipe.run / f"seed{seed}" / cond
-            if cond != "sft":
-                stage2_runs.append(run_dir)
-            if seed in results[cond]:
-                continue
-            if cond != "sft":
-                pipe.stage2(run_dir, [f"seed={seed}", *STAGE2[cond]], title=f"Stage II [{cond}, seed {seed}]")
-            results[cond][seed] = evaluate(cfg, env_cfg, final_policy_dir(cond, pipe, run_dir), seed, heldout)
-            out_file.write_text(json.dumps({"results": results}, indent=1))
-            print(f"[tandem-experiment] {cond} seed {seed}: {results[cond][seed]}", flush=True)
-    pipe.report(stage2_runs, pipe.run / "report")
+    if pipe.checkpoint is None:
+        pipe.stage1()
+    heldout = heldout_replay(cfg, pipe)
+    # the env every policy is scored on: the Stage I checkpoint's render settings over this config's
+    env_overrides = [o for o in pipe.env if o.startswith("env.")]
+    runs = stage2_runs(cfg, pipe)
+    run_stage2_all(cfg, pipe, runs)
+    evals = evaluate_all(cfg, pipe, runs, env_overrides)
+    results = collect_results(cfg, pipe, runs, evals, heldout)
+    (pipe.run / "experiment.json").write_text(json.dumps({"results": results}, indent=1))
     write_table(cfg, pipe, results)
+    plot_curves(results, pipe.run)
+    ship_cotrained(pipe, runs, env_overrides)
+    if runs:
+        pipe.report(list(runs.values()), pipe.run / "report")
     return 0
-
-
-def write_table(cfg: DictConfig, pipe: Pipeline, results: dict) -> None:
-    p = cfg.pipeline
-    lines = ["# Co-training experiment", "",
-             f"Scale: `{cfg.get('size_name', 'custom')}`; policy `{cfg.policy.get('preset', cfg.policy.name)}`, "
-             f"images {cfg.env.image_size}, {p.sim_demos} twin + {p.real_demos} real-proxy demos, "
-             f"Stage I {p.sft_steps} steps, Stage II {p.stage2_updates} updates x {cfg.learner.global_batch_size} "
-             f"segments with {p.num_actors} actors, reward `{cfg.env.reward_mode}`; final evaluation "
-             f"{cfg.experiment.eval_episodes} episodes per env, condition and seed "
-             f"(seeds {list(cfg.experiment.seeds)}).", "",
-             "| condition | twin success | real-proxy success | twin return | real-proxy return | held-out real SFT loss |",
-             "|---|---|---|---|---|---|"]
-    keys = ("twin", "real_proxy", "twin_return", "real_proxy_return", "heldout_real_sft_loss")
-    for cond, per_seed in results.items():
-        if not per_seed:
-            continue
-        cells = []
-        for key in keys:
-            v = np.array([r[key] for r in per_seed.values() if key in r])
-            cells.append(f"{v.mean():.3f} +- {v.std():.3f}" if v.size else "-")
-        lines.append(f"| {cond} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean +- std over seeds; per seed in `experiment.json`."]
-    lines += ["", f"Curves: [report]({pipe.run / 'report' / 'report.md'})"]
-    (pipe.run / "experiment.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 def main(argv=None) -> int:

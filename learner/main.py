@@ -15,19 +15,23 @@ import signal
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.device import resolve_device
 from common.channels import ControlServer, DataReceiver, WeightPublisher, check_server_security
 from common.config import run_with_config
-from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, EpisodeFormatError, ack_reply,
-                                is_ack_request, message_to_episode)
+from common.episode_msg import (ACTION_KEY, IMAGE_KEY, MAX_REASON, STATE_KEY, EpisodeFormatError,
+                                ack_reply, episode_id_of, expected_episode_spec, is_ack_request,
+                                message_to_episode)
 from common.policy import load_policy, make_policy
+from common.peer_meta import eval_report, sanitize_peer_meta
 from common.protocol import Message
+from common.ratelimited_log import RateLimitedLog
 from common.launch import LEARNER_STOPPED_ON_TRAIN_ERRORS
 from common.segment import SegmentSpec, check_segment_values, expected_segment_spec
 from common.shm_ring import RING_NAME, ShmRingReader, reap_dead_rings
@@ -39,12 +43,8 @@ from learner.metrics import LossRatioMonitor, MetricsWriter
 from learner.real_replay import RealReplay
 
 log = logging.getLogger("tandem.learner")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+MAX_PEER_NAME = 64  # characters of a peer's self-chosen name kept in the peer table and logs
+MAX_REMEMBERED_REJECTIONS = 10_000  # refused episode ids answered in ack replies (oldest forgotten)
 
 
 class Ingest(threading.Thread):
@@ -60,11 +60,13 @@ class Ingest(threading.Thread):
         self.peers: dict[str, dict] = {}
         self.dropped = defaultdict(int)  # reason -> count, beyond the channels' own counters
         self.duplicate_episodes = 0
+        self.rejected_episodes: OrderedDict[str, str] = OrderedDict()  # id -> reason, newest last
         self.stop = threading.Event()
         self.peer_timeout_s = float(cfg.peer_timeout_s)
         self.max_peers = int(cfg.max_peers)
         self._last_reap = time.time()
         self.ring_prefix = str(cfg.ring.name_prefix)
+        self.drop_log = RateLimitedLog(log)
 
     # -- data ---------------------------------------------------------------------------------
     def on_segment(self, msg: Message):
@@ -96,10 +98,16 @@ class Ingest(threading.Thread):
 
     def on_episode(self, msg: Message):
         try:
-            ep = message_to_episode(msg)
+            ep = message_to_episode(msg, self.L.episode_spec)
         except EpisodeFormatError as e:
-            self.dropped["bad_episode"] += 1
-            log.warning("dropping episode from %s: %s", msg.sender, e)
+            self.dropped[f"bad_episode:{e.reason}"] += 1
+            episode_id = episode_id_of(msg)
+            if episode_id is not None:  # the sender learns it from its next ack query, and quarantines it
+                self.rejected_episodes[episode_id] = f"{e.reason}: {e}"[:MAX_REASON]
+                while len(self.rejected_episodes) > MAX_REMEMBERED_REJECTIONS:
+                    self.rejected_episodes.popitem(last=False)
+            self.drop_log.warn(f"dropping episode {episode_id!r} from {str(msg.sender)[:MAX_PEER_NAME]!r}: {e}",
+                               key="bad_episode")
             return
         self.L.store_episode(ep)
 
@@ -107,19 +115,33 @@ class Ingest(threading.Thread):
     def on_control(self, peer: bytes, msg: Message):
         name = msg.sender or peer.decode(errors="replace")
         if is_ack_request(msg):
-            self.control.reply(peer, ack_reply(msg, self.L.stored_episode_ids.__contains__), in_reply_to=msg)
+            self.control.reply(peer, ack_reply(msg, self.L.stored_episode_ids.__contains__,
+                                               rejected=self.rejected_episodes), in_reply_to=msg)
             return
         if msg.kind in ("hello", "heartbeat", "bye"):
+            name = name[:MAX_PEER_NAME]
+            meta, rejected = sanitize_peer_meta(msg.meta)
+            for reason in rejected:
+                self.dropped[f"control_field:{reason}"] += 1
+            if rejected:
+                self.drop_log.warn(f"control fields from {name!r} dropped: {', '.join(sorted(set(rejected)))}")
             if name not in self.peers and len(self.peers) >= self.max_peers:
                 self.peers.pop(min(self.peers, key=lambda n: self.peers[n]["last_seen"]))
-            info = self.peers.setdefault(name, {})
-            info.update(msg.meta, last_seen=time.time(), policy_version=msg.policy_version)
-            if msg.kind == "bye" or msg.meta.get("bye"):
+            info = self.peers.setdefault(name, {"registered_mode": meta.get("mode", "train")})
+            if "mode" in meta and meta["mode"] != info["registered_mode"]:  # a peer keeps the role it registered with
+                self.dropped["control_field:mode_change"] += 1
+                meta.pop("mode")
+            info.update(meta, last_seen=time.time(), policy_version=msg.policy_version)
+            if msg.kind == "bye" or meta.get("bye"):
                 self.peers.pop(name, None)
-            if msg.meta.get("want_weights"):
+            if meta.get("want_weights"):
                 self.L.republish.set()
-            if "eval_success" in msg.meta:
-                self.L.record_eval(msg.meta)
+            if "eval_success" in meta:
+                try:
+                    self.L.record_eval(eval_report(meta, info["registered_mode"]))
+                except ValueError as e:
+                    self.dropped["control_eval_result"] += 1
+                    self.drop_log.warn(f"eval result from {name!r} ignored: {e}")
         reply = Message(kind="status", sender="learner", policy_version=self.L.version,
                         meta=self.L.status(self.peers) if msg.kind == "status_request" else
                         {"session": self.L.session})
@@ -155,9 +177,10 @@ class Ingest(threading.Thread):
                 if time.time() - self._last_reap > 1.0:
                     self.reap()
                     self._last_reap = time.time()
-            except Exception:  # the learner must outlive any one bad input
-                self.dropped["ingest_error"] += 1
-                log.exception("ingest error (message dropped)")
+            except Exception as e:  # the learner must outlive any one bad input
+                self.dropped[f"ingest_error:{type(e).__name__}"] += 1
+                if self.drop_log.warn(f"ingest error (message dropped): {type(e).__name__}: {e}", key="ingest_error"):
+                    log.debug("ingest error traceback", exc_info=True)
         self.data.close()
         self.control.close()
         for r in self.rings.values():
@@ -206,13 +229,14 @@ class Learner:
             self.policy = self.policy.to(self.device)
             self.counters = LearnerCounters()
         self.segment_spec = expected_segment_spec(cfg, self.policy)
+        self.episode_spec = expected_episode_spec(cfg)
         self.vocab_size = int(getattr(getattr(self.policy, "tokenizer", None), "vocab_size", 2**31 - 1))
         self.train_errors = 0  # updates that raised (contained; the batch is skipped)
         self.skipped_nonfinite = 0  # updates whose loss or gradients were not finite (no optimiser step)
         self.exit_code = 0
         self.consecutive_train_errors = 0
         self.unpublished_nonfinite = 0  # weight versions withheld because a tensor was not finite
-        self._warned_at: dict[str, float] = {}
+        self.drop_log = RateLimitedLog(log)
         self.optimizer = make_optimizer(self.policy, lcfg)
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
@@ -245,7 +269,7 @@ class Learner:
         fault = check_segment_values(segment, self.vocab_size)
         if fault is not None:
             self.ingest.dropped[f"bad_segment_value:{fault}"] += 1
-            self._rate_limited_warning(f"dropping segment: {fault}")
+            self.drop_log.warn(f"dropping segment: {fault}")
             return
         with self.batch_lock:
             self.batcher.add(segment, policy_version, self.version)
@@ -282,13 +306,11 @@ class Learner:
         else:
             self.intent_file.unlink()
 
-    def record_eval(self, meta: dict):
-        env = "real_proxy" if meta.get("eval_env") == "real_proxy" else "sim"
-        entry = {"env": env, "success": float(meta["eval_success"]), "episodes": int(meta.get("eval_episodes", 0)),
-                 "policy_version": int(meta.get("eval_version", -1)), "update": self.counters.updates,
-                 "time": time.time()}
+    def record_eval(self, report: dict):
+        """An eval actor's result (``common.peer_meta.eval_report``) into summary.json and TensorBoard."""
+        entry = dict(report, update=self.counters.updates, time=time.time())
         self.eval_history.append(entry)
-        self.metrics.log({f"eval/{env}_success": entry["success"]}, self.counters.updates)
+        self.metrics.log({f"eval/{entry['env']}_success": entry["success"]}, self.counters.updates)
 
     def status(self, peers: dict) -> dict:
         size = self.replay.size() if self.replay is not None else {"episodes": 0, "frames": 0}
@@ -312,16 +334,9 @@ class Learner:
         self._last_publish = time.time()
         if bad:  # never send poisoned weights to actors and the robot
             self.unpublished_nonfinite += 1
-            self._rate_limited_warning(f"not publishing version {self.version}: non-finite tensors {bad[:5]}")
+            self.drop_log.warn(f"not publishing version {self.version}: non-finite tensors {bad[:5]}")
             return
         self.publisher.publish(self.version, self.policy.get_weights(), meta={"session": self.session})
-
-    def _rate_limited_warning(self, text: str, every_s: float = 10.0) -> None:
-        key = text.split(":", 1)[0]
-        now = time.time()
-        if now - self._warned_at.get(key, 0.0) >= every_s:
-            self._warned_at[key] = now
-            log.warning(text)
 
     def checkpoint(self):
         self.counters.dropped_segments = (self.batcher.dropped_stale + self.batcher.dropped_overflow

@@ -32,9 +32,6 @@ class MetricsWriter:
                 continue
             self.writer.add_scalar(name, value, step)
 
-    def log_histogram(self, name: str, values, step: int) -> None:
-        self.writer.add_histogram(name, values, step)
-
     def flush(self) -> None:
         self.writer.flush()
 

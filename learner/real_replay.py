@@ -144,23 +144,69 @@ def merge_sources(name: str, weight: float, parts: Sequence[ReplaySource]) -> Re
         np.concatenate([p.privileged for p in parts]) if labelled else None)
 
 
+def check_dataset_entries(datasets: Sequence[Mapping]) -> None:
+    """Each entry of ``learner.real_datasets`` / ``sft.datasets`` names a repo_id and a root, and no
+    two entries share a name (sizes and mixing are reported per name)."""
+    names = []
+    for i, d in enumerate(datasets):
+        if not isinstance(d, Mapping) or not d.get("repo_id") or not d.get("root"):
+            raise ValueError(f"dataset entry {i} ({dict(d) if isinstance(d, Mapping) else d!r}) needs `repo_id` and "
+                             "`root` (the dataset's folder on disk), e.g. {repo_id: local/demos, root: data/demos}")
+        names.append(d.get("name") or d["repo_id"])
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"datasets {dup} appear more than once: give each entry its own `name` (or repo_id), "
+                         "e.g. {repo_id: local/demos, name: demos_b, root: ...}")
+
+
+def resolve_key_map(name: str, features: Mapping, key_map: Optional[Mapping[str, str]]) -> dict[str, str]:
+    """Our key -> the dataset's column. ``key_map`` is {dataset column: our key}; our keys the dataset
+    has under their own names need no entry. Errors name the dataset, the key and the fix."""
+    key_map = dict(key_map or {})
+    for theirs, ours in key_map.items():
+        if ours not in OUR_KEYS:
+            raise ValueError(f"{name}: key_map maps {theirs!r} to {ours!r}, which is not one of Tandem's keys "
+                             f"{list(OUR_KEYS)}; write key_map as {{dataset column: Tandem key}}")
+        if theirs not in features:
+            raise ValueError(f"{name}: key_map names the column {theirs!r}, which the dataset does not have; "
+                             f"its features are {sorted(features)}")
+    targets = list(key_map.values())
+    twice = sorted({t for t in targets if targets.count(t) > 1})
+    if twice:
+        raise ValueError(f"{name}: key_map maps several columns to {twice}; keep one column per Tandem key")
+    ours_to_theirs = {k: k for k in OUR_KEYS if k in features}
+    ours_to_theirs.update({ours: theirs for theirs, ours in key_map.items()})
+    missing = [k for k in OUR_KEYS if k not in ours_to_theirs]
+    if missing:
+        raise ValueError(f"{name}: no column for {missing}; map one in key_map ({{dataset column: Tandem key}}), "
+                         f"the dataset's features are {sorted(features)}")
+    columns = list(ours_to_theirs.values())
+    shared = sorted({c for c in columns if columns.count(c) > 1})
+    if shared:
+        raise ValueError(f"{name}: the column(s) {shared} would stand for several Tandem keys "
+                         f"({ {k: v for k, v in ours_to_theirs.items() if v in shared} }); fix key_map")
+    return ours_to_theirs
+
+
 def load_lerobot_source(name: str, repo_id: str, root: str | Path, weight: float = 1.0,
-                        key_map: Optional[Mapping[str, str]] = None) -> ReplaySource:
+                        key_map: Optional[Mapping[str, str]] = None, fps: Optional[int] = None) -> ReplaySource:
     """Read a whole LeRobot dataset (or a folder of ``part_*`` datasets) into memory under our keys.
-    ``key_map``: dataset key -> our key (our keys present in the dataset under their own name need no entry)."""
+    ``key_map``: dataset key -> our key (our keys present in the dataset under their own name need no entry).
+    ``fps``: the rate the data must have been recorded at (None: not checked); action chunks are
+    sequences of consecutive frames, so another rate changes what an action chunk means."""
     parts = dataset_parts(root)
     if len(parts) > 1:
-        return merge_sources(name, weight, [_load_one(name, repo_id, p, weight, key_map) for p in parts])
-    return _load_one(name, repo_id, parts[0], weight, key_map)
+        return merge_sources(name, weight, [_load_one(name, repo_id, p, weight, key_map, fps) for p in parts])
+    return _load_one(name, repo_id, parts[0], weight, key_map, fps)
 
 
-def _load_one(name: str, repo_id: str, root: Path, weight: float, key_map: Optional[Mapping[str, str]]) -> ReplaySource:
+def _load_one(name: str, repo_id: str, root: Path, weight: float, key_map: Optional[Mapping[str, str]],
+              fps: Optional[int] = None) -> ReplaySource:
     ds = _open_lerobot(repo_id, root)
-    ours_to_theirs = {k: k for k in OUR_KEYS if k in ds.features}
-    ours_to_theirs.update({ours: theirs for theirs, ours in (key_map or {}).items()})
-    missing = [k for k in OUR_KEYS if k not in ours_to_theirs or ours_to_theirs[k] not in ds.features]
-    if missing:
-        raise KeyError(f"{name}: no dataset feature for {missing}; features are {list(ds.features)}, key_map {dict(key_map or {})}")
+    ours_to_theirs = resolve_key_map(name, ds.features, key_map)
+    if fps is not None and int(ds.fps) != int(fps):
+        raise ValueError(f"{name}: recorded at {ds.fps} fps, but this run acts at {fps} Hz (env.control_freq); "
+                         f"resample the dataset, or declare `fps: {ds.fps}` on its entry to accept it as it is")
 
     image_key = ours_to_theirs[IMAGE]
     is_video = ds.features[image_key]["dtype"] == "video"
@@ -197,12 +243,15 @@ def _load_one(name: str, repo_id: str, root: Path, weight: float, key_map: Optio
 class RealReplay:
     LIVE = "live"
 
-    def __init__(self, datasets: Sequence[Mapping] = (), live: Optional[Mapping] = None, seed: int = 0):
-        """``datasets``: [{repo_id, root, weight, key_map, max_episodes}]; ``live``: {repo_id, root, weight, fps} or None
-        (no live episodes accepted)."""
+    def __init__(self, datasets: Sequence[Mapping] = (), live: Optional[Mapping] = None, seed: int = 0,
+                 fps: Optional[int] = None):
+        """``datasets``: [{repo_id, root, weight, key_map, max_episodes, fps}]; ``live``: {repo_id, root, weight, fps} or None
+        (no live episodes accepted); ``fps``: the rate every dataset must have (an entry's own ``fps`` wins; None: any)."""
+        check_dataset_entries(datasets)
         self.sources: list[ReplaySource] = [
             first_episodes(load_lerobot_source(d.get("name") or d["repo_id"], d["repo_id"], d["root"],
-                                               d.get("weight", 1.0), d.get("key_map")), d.get("max_episodes"))
+                                               d.get("weight", 1.0), d.get("key_map"), d.get("fps", fps)),
+                           d.get("max_episodes"))
             for d in datasets]
         self.live_cfg = dict(live) if live else None
         self.live: Optional[ReplaySource] = None
@@ -242,7 +291,8 @@ class RealReplay:
     @classmethod
     def from_config(cls, cfg, seed: int = 0) -> "RealReplay":
         """From the ``learner`` config: ``real_datasets`` list and ``live_dataset`` mapping."""
-        return cls(list(cfg.real_datasets or []), cfg.live_dataset if cfg.live_dataset.root else None, seed)
+        return cls(list(cfg.real_datasets or []), cfg.live_dataset if cfg.live_dataset.root else None, seed,
+                   fps=int(cfg.live_dataset.fps))
 
     def _check_compatible(self) -> None:
         shapes = {(s.image.shape[1:], s.state.shape[1:], s.action.shape[1:]) for s in self.sources if s.num_frames}

@@ -40,6 +40,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from common.device import resolve_device
 from common.config import run_with_config
 from common.evaluation import evaluate_policy
 from common.policy import load_policy, make_policy
@@ -52,12 +53,6 @@ log = logging.getLogger(__name__)
 
 EVAL_ENVS = {"sim": False, "real_proxy": True}  # logged name -> real_proxy flag of the twin
 WARMUP_STEPS_UNTIMED = 10  # excluded from train_samples_per_s (allocator warm-up, cuDNN autotuning)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def learning_rate(step: int, cfg) -> float:
@@ -291,7 +286,7 @@ def run_sft(cfg) -> int:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     datasets = OmegaConf.to_container(sft.datasets, resolve=True)
-    replay = RealReplay(datasets=datasets, live=None, seed=cfg.seed)
+    replay = RealReplay(datasets=datasets, live=None, seed=cfg.seed, fps=int(cfg.env.control_freq))
     stats = replay.dataset_stats()  # over every frame, so the normaliser does not depend on the split
     val_replay = replay.hold_out(sft.val_fraction, cfg.seed)
     log.info("SFT data: %s; held out for validation: %s", replay.size(), val_replay.size() if val_replay else None)

@@ -14,8 +14,10 @@ sends it to the learner's real replay and waits for the learner's acknowledgemen
 - A sent episode is sent again only when the learner, answering, still does not hold it
   ``resend_after_s`` after the last send (the learner died before storing it); the learner
   de-duplicates on ``episode_id`` in any case.
-- An entry that cannot be read, or that exceeds the learner's receive limits (it would be
-  dropped there and resent forever), is moved to ``bad/`` with an error in the log.
+- An entry that cannot be read, that exceeds the learner's receive limits (it would be dropped
+  there and resent forever), or that the learner refused (its ack reply names it under "rejected",
+  with the reason: non-finite values, another image size or fps, ...) is moved to ``quarantine/``
+  beside the outbox with a ``<id>.reason.txt``, and an error in the log: kept, never resent.
 - With ``require_ack: false`` (a learner without episode_ack) an episode counts as done once
   ZeroMQ has queued it.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,12 +35,14 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, Episode, ack_request,
-                                episode_to_message, parse_ack_reply)
+from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, Episode, EpisodeFormatError, ack_request,
+                                episode_to_message, parse_ack_rejections, parse_ack_reply)
 from common.protocol import Limits
 from realrobot.device_config import DeviceConfig
 
 log = logging.getLogger(__name__)
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # becomes a file name
+QUARANTINE = "quarantine"  # beside the outbox's entries: episodes kept but never (re)sent
 
 
 @dataclass
@@ -69,13 +74,16 @@ class Outbox:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.dir.glob("*.tmp"):  # a write cut short by a crash never committed
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)  # gone already: another process's write just committed it
 
     def _path(self, episode_id: str, suffix: str) -> Path:
         return self.dir / f"{episode_id}{suffix}"
 
     def put(self, ep: Episode) -> str:
-        ep.validate()
+        """Commit ``ep`` to disk; one the learner would refuse (non-finite values, a bad layout) is
+        kept too, in ``quarantine/`` with its reason, and never sent."""
+        if not (isinstance(ep.episode_id, str) and SAFE_ID.fullmatch(ep.episode_id)):
+            raise ValueError(f"episode_id {ep.episode_id!r:.80} must be 1-64 letters, digits, '_' or '-'")
         arrays = {IMAGE_KEY: ep.images, STATE_KEY: ep.states, ACTION_KEY: ep.actions}
         _write_atomic(self._path(ep.episode_id, ".npz"), lambda f: np.savez(f, **arrays))
         meta = {"episode_id": ep.episode_id, "task": ep.task, "success": bool(ep.success), "fps": ep.fps,
@@ -87,6 +95,12 @@ class Outbox:
             os.fsync(fd)
         finally:
             os.close(fd)
+        try:
+            ep.validate()
+        except EpisodeFormatError as e:
+            where = self.quarantine(ep.episode_id, f"{e.reason}: {e}")
+            log.error("outbox: episode %s would be refused by the learner (%s); kept in %s, not sent",
+                      ep.episode_id, e, where)
         return ep.episode_id
 
     def load(self, episode_id: str) -> Episode:
@@ -123,13 +137,14 @@ class Outbox:
         attempts = json.loads(path.read_text())["attempts"] + 1 if path.exists() else 1
         _write_atomic(path, lambda f: f.write(json.dumps({"sent_at": time.time(), "attempts": attempts})), "w")
 
-    def quarantine(self, episode_id: str) -> Path:
-        """Move an unreadable entry aside (``bad/``) so that it does not block the others."""
-        bad = self.dir / "bad"
-        bad.mkdir(exist_ok=True)
+    def quarantine(self, episode_id: str, reason: str) -> Path:
+        """Move an entry aside (``quarantine/``, with its reason) so that it does not block the others."""
+        folder = self.dir / QUARANTINE
+        folder.mkdir(exist_ok=True)
         for path in self.dir.glob(f"{episode_id}.*"):
-            os.replace(path, bad / path.name)
-        return bad
+            os.replace(path, folder / path.name)
+        _write_atomic(folder / f"{episode_id}.reason.txt", lambda f: f.write(reason + "\n"), "w")
+        return folder
 
     def mark_acked(self, episode_id: str, delete_arrays: bool = False) -> None:
         _write_atomic(self._path(episode_id, ".acked"), lambda f: f.write(json.dumps({"acked_at": time.time()})), "w")
@@ -153,7 +168,7 @@ class EpisodePusher:
         self.outbox, self.sender, self.control = outbox, sender, control
         self.config, self.identity = config, identity
         self.limits = limits or Limits()  # the learner's receive limits: larger episodes never arrive
-        self.counts = {"sent": 0, "resent": 0, "acked": 0, "send_failures": 0}
+        self.counts = {"sent": 0, "resent": 0, "acked": 0, "send_failures": 0, "rejected": 0}
         self._warned_no_ack = False
 
     @classmethod
@@ -168,7 +183,8 @@ class EpisodePusher:
         self.control.close()
 
     def _query_stored(self, ids: list[str]) -> Optional[set[str]]:
-        """The subset of ``ids`` the learner holds; None when it did not answer."""
+        """The subset of ``ids`` the learner holds; None when it did not answer. Ids it refused are
+        quarantined on the way (``self.rejected``)."""
         stored: set[str] = set()
         step = self.config.max_ids_per_query
         for i in range(0, max(len(ids), 1), step):
@@ -185,20 +201,26 @@ class EpisodePusher:
                     self._warned_no_ack = True
                 return stored
             stored |= got
+            for episode_id, reason in parse_ack_rejections(reply).items():
+                if episode_id in ids[i:i + step] and episode_id not in got:
+                    where = self.outbox.quarantine(episode_id, f"refused by the learner: {reason}")
+                    self.counts["rejected"] += 1
+                    log.error("outbox: the learner refused episode %s (%s); moved to %s, not resent",
+                              episode_id, reason, where)
         return stored
 
     def _send(self, episode_id: str) -> bool:
         try:
             ep = self.outbox.load(episode_id)
         except Exception as e:  # a damaged file must not hold up the episodes behind it
-            where = self.outbox.quarantine(episode_id)
+            where = self.outbox.quarantine(episode_id, f"unreadable: {type(e).__name__}: {e}")
             log.error("outbox: episode %s is unreadable (%s: %s); moved to %s", episode_id,
                       type(e).__name__, e, where)
             return False
         msg = episode_to_message(ep, sender=self.identity)
         largest = max(a.nbytes for a in msg.arrays.values())
         if largest > self.limits.max_array_bytes or msg.nbytes() > self.limits.max_message_bytes:
-            where = self.outbox.quarantine(episode_id)
+            where = self.outbox.quarantine(episode_id, f"exceeds the learner's receive limits ({msg.nbytes()} bytes)")
             log.error("outbox: episode %s (%d frames, %d bytes) exceeds the learner's receive limits "
                       "(transport.limits: max_array_bytes %d, max_message_bytes %d); moved to %s",
                       episode_id, ep.num_frames, msg.nbytes(), self.limits.max_array_bytes,
@@ -228,6 +250,9 @@ class EpisodePusher:
         if stored is None:
             return result  # learner away: everything waits on disk
         result.reachable = True
+        if self.counts["rejected"]:  # refused ones were quarantined by the query
+            present = set(box.ids())
+            pending, unacked = [i for i in pending if i in present], [i for i in unacked if i in present]
         for episode_id in unacked + pending:
             if episode_id in stored:
                 box.mark_acked(episode_id, c.delete_acked_arrays)

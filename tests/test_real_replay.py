@@ -80,10 +80,32 @@ def test_round_trip_from_a_lerobot_dataset(tmp_path):
     np.testing.assert_allclose(stats["observation.state"]["max"], np.full(8, actions.max()))
 
 
-def test_missing_feature_mapping_is_an_error(tmp_path):
+def test_dataset_mapping_errors_name_the_dataset_the_key_and_the_fix(tmp_path):
+    """Issue #18, item 6: every mistake a key_map or dataset entry can hold is a clear error."""
     write_dataset(tmp_path / "real0", lengths=(2,))
-    with pytest.raises(KeyError, match="observation.image"):
-        RealReplay([{"repo_id": "test/real0", "root": str(tmp_path / "real0")}])
+    root = str(tmp_path / "real0")
+    good_map = {"observation.images.front": "observation.image"}
+
+    def error(entries, **kw):
+        with pytest.raises(ValueError) as e:
+            RealReplay(entries, **kw)
+        return str(e.value)
+
+    msg = error([{"repo_id": "test/real0", "root": root}])  # the image column is not mapped
+    assert "test/real0" in msg and "observation.image" in msg and "key_map" in msg
+    msg = error([{"repo_id": "test/real0", "root": root, "key_map": {"observation.images.front": "observation.img"}}])
+    assert "'observation.img'" in msg and "not one of Tandem's keys" in msg  # a wrong target is no longer ignored
+    msg = error([{"repo_id": "test/real0", "root": root, "key_map": {**good_map, "observation.images.side": "action"}}])
+    assert "'observation.images.side'" in msg and "does not have" in msg
+    msg = error([{"repo_id": "test/real0", "root": root, "key_map": {**good_map, "observation.state": "action"}}])
+    assert "observation.state" in msg and "several Tandem keys" in msg  # one column for two keys
+    assert "needs `repo_id` and `root`" in error([{"repo_id": "test/real0"}])
+    both = [{"repo_id": "test/real0", "root": root, "key_map": good_map}] * 2
+    assert "more than once" in error(both)
+    assert "recorded at 10 fps" in error([{"repo_id": "test/real0", "root": root, "key_map": good_map}], fps=20)
+    ok = RealReplay([{"repo_id": "test/real0", "root": root, "key_map": good_map, "fps": 10},  # declared: accepted
+                     {"repo_id": "test/real0", "name": "again", "root": root, "key_map": good_map, "fps": 10}], fps=20)
+    assert ok.size()["frames"] == 2 * ok.size()["sources"]["test/real0"]["frames"]
     with pytest.raises(FileNotFoundError):
         RealReplay([{"repo_id": "test/none", "root": str(tmp_path / "nothing")}])
 

@@ -107,7 +107,8 @@ def test_collect_command_reports_a_missing_robot_in_one_line(tmp_path, caplog):
     assert not (tmp_path / "real_demos").exists()  # nothing recorded, nothing half-created
 
 
-def test_collect_on_the_real_cell_needs_a_task(tmp_path):
+def test_collect_on_the_real_cell_needs_a_task(tmp_path, capsys):
     from realrobot import collector
-    with pytest.raises(ValueError, match="collect.task"):
-        collector.main(["robot=franky", f"run_dir={tmp_path}"])
+    assert collector.main(["robot=franky", f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "set collect.task" in err and "Traceback" not in err

@@ -27,7 +27,7 @@ def test_collect_and_deploy_against_the_learner(tmp_path):
     learner_dir = tmp_path / "learner"
     log = open(tmp_path / "learner.log", "w")
     learner = subprocess.Popen([sys.executable, "-m", "learner.main", f"run_dir={learner_dir}", "device=cpu",
-                                "learner.max_duration_s=300", "learner.weights_republish_s=0.5", *transport],
+                                "learner.max_duration_s=300", "learner.weights_republish_s=0.5", *TINY_IMAGES, *transport],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         common = [f"run_dir={tmp_path}", "robot.pace=false", "robot.safety.max_rate_hz=1000", *TINY_IMAGES, *transport]

@@ -163,7 +163,7 @@ def test_damaged_entry_is_set_aside_and_does_not_block_the_rest(tmp_path, endpoi
         with StandInLearner(endpoints["data_endpoint"], endpoints["control_endpoint"]) as learner:
             assert pump_until(p, lambda: box.is_acked(good.episode_id))
         assert set(learner.episodes) == {good.episode_id}
-        assert (tmp_path / "out" / "bad" / f"{bad.episode_id}.json").exists()
+        assert (tmp_path / "out" / "quarantine" / f"{bad.episode_id}.json").exists()
         assert bad.episode_id not in box.ids()
     finally:
         p.close()
@@ -180,7 +180,7 @@ def test_episode_over_the_receive_limits_is_set_aside_not_resent_forever(tmp_pat
         with StandInLearner(endpoints["data_endpoint"], endpoints["control_endpoint"]) as learner:
             result = p.pump()
         assert result.reachable and result.sent == [] and learner.receipts[big.episode_id] == 0
-        assert (tmp_path / "out" / "bad" / f"{big.episode_id}.npz").exists()
+        assert (tmp_path / "out" / "quarantine" / f"{big.episode_id}.npz").exists()
         assert box.pending() == []
     finally:
         p.close()

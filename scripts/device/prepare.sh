@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# scripts/device/prepare.sh [OUTDIR=.devcarry] [CHUNK_MIB=55]
+# scripts/device/prepare.sh [OUTDIR=.devcarry] [CHUNK_MIB=36]
 # Tandem's copy of the tested ManiSkill recipe (../shared/device/prepare.sh), extended with the
 # project's own import-time needs (pyzmq, hydra-core, omegaconf, antlr4-python3-runtime) and with
 # the project's device scripts in every chunk. docs/gpu.md gives the device call sequence.
 # Runs on the development machine (it reaches the package registries). Downloads ManiSkill3 3.0.1 + SAPIEN 3.0.3 (cp312) and
 # the pure-python deps the device image lacks, plus the Debian GL/Vulkan loader .debs, packs the
-# wheels into one tar, and splits it into OUTDIR/chunk1..chunkN (each CHUNK_MIB MiB, default 55),
+# wheels into one tar, and splits it into OUTDIR/chunk1..chunkN (each CHUNK_MIB MiB, default 36: with the ~23 MB working tree),
 # so that each device `run` call carries < 64 MiB. GL debs go to OUTDIR/gl (~0.4 MB).
 # Every chunk dir also gets MANIFEST, device_install.sh and bench_maniskill.py.
 set -euo pipefail
 OUT=${1:-.devcarry}
-CHUNK_MIB=${2:-55}
+CHUNK_MIB=${2:-36}
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${MS_RECIPE_CACHE:-${TMPDIR:-/tmp}/ms_recipe_cache}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}

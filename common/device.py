@@ -1,0 +1,10 @@
+"""The torch device a config names: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
