@@ -44,7 +44,9 @@ from common.channels import ControlClient
 from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, Episode, EpisodeFormatError, EpisodeSpec,
                                 episode_to_message, expected_episode_spec, message_to_episode)
 from common.protocol import KINDS, PROTOCOL_VERSION, Limits, Message, ProtocolError, decode, encode
-from common.segment import SegmentSpec
+from common.peer_meta import eval_report, sanitize_peer_meta
+from common.policy import make_policy
+from common.segment import SegmentSpec, check_segment_values
 from common.shm_ring import RING_NAME, ShmRingReader, ShmRingWriter
 from common.synthetic import DEFAULT_IMAGE_SIZE, SyntheticActor, poll_until, spec_from_config
 
@@ -105,9 +107,9 @@ class FuzzReport:
 
 class Predictor:
     def __init__(self, limits: Limits, live_rings: set[str], spec: SegmentSpec, ring_prefix: str = "tandem_",
-                 episode_spec: EpisodeSpec | None = None):
+                 episode_spec: EpisodeSpec | None = None, vocab_size: int = 2 ** 31 - 1):
         self.limits, self.spec, self.ring_prefix = limits, spec, ring_prefix
-        self.episode_spec = episode_spec
+        self.episode_spec, self.vocab_size = episode_spec, vocab_size
         self.live_rings = live_rings  # rings the learner has attached (the good stream's)
 
     def data(self, frames: list) -> tuple[dict, str] | None:
@@ -118,7 +120,7 @@ class Predictor:
         except ProtocolError as e:
             return {"protocol_data": 1, f"protocol_data/{e.reason}": 1}, e.reason
         if msg.kind == "segment":
-            return None
+            return self.segment(msg)
         if msg.kind == "segment_notice":
             return self.notice(msg)
         if msg.kind == "episode":
@@ -127,10 +129,30 @@ class Predictor:
 
     def control(self, frames: list) -> tuple[dict, str] | None:
         try:
-            decode(frames, self.limits)
+            msg = decode(frames, self.limits)
         except ProtocolError as e:
             return {"protocol_control": 1, f"protocol_control/{e.reason}": 1}, e.reason
-        return None
+        if msg.kind not in ("hello", "heartbeat"):
+            return None
+        # a peer seen for the first time (the generator never reuses a name): it registers now
+        meta, rejected = sanitize_peer_meta(msg.meta)
+        counts = Counter(f"control_field:{r}" for r in rejected)
+        if "eval_success" in meta:
+            try:
+                eval_report(meta, meta.get("mode", "train"))
+            except ValueError:
+                counts["control_eval_result"] += 1
+        return (dict(counts), "control_value") if counts else None
+
+    def segment(self, msg: Message) -> tuple[dict, str] | None:
+        try:
+            self.spec.check(dict(msg.arrays))
+        except ValueError:
+            return {"bad_segment": 1}, "bad_segment"
+        fault = check_segment_values(dict(msg.arrays), self.vocab_size)
+        if fault is None:
+            return None  # it would be trained on
+        return {f"bad_segment_value:{fault}": 1}, f"bad_segment_value:{fault}"
 
     def notice(self, msg: Message) -> tuple[dict, str] | None:
         meta = msg.meta
@@ -189,7 +211,7 @@ def _pack(h) -> bytes:
 
 class Generators:
     def __init__(self, rng: np.random.Generator, spec: SegmentSpec, limits: Limits, live_ring: str | None,
-                 decoy_ring: str | None, not_a_ring: str | None):
+                 decoy_ring: str | None, not_a_ring: str | None, vocab_size: int = 258):
         self.rng, self.spec, self.limits = rng, spec, limits
         self.live_ring, self.decoy_ring, self.not_a_ring = live_ring, decoy_ring, not_a_ring
         self.table: list[tuple[str, float, Callable[[], tuple[str, list]]]] = [
@@ -205,7 +227,10 @@ class Generators:
             ("notice_live_ring_bad_slot", 2, self.notice_live_ring_bad_slot),
             ("bad_episode", 3, self.bad_episode), ("unexpected_kind", 1, self.unexpected_kind),
             ("control_garbage", 2, self.control_garbage),
+            ("hostile_segment", 3, self.hostile_segment), ("hostile_hello", 2, self.hostile_hello),
         ]
+        self.vocab_size = vocab_size
+        self._peers = 0
         w = np.array([x[1] for x in self.table], float)
         self.p = w / w.sum()
 
@@ -388,6 +413,50 @@ class Generators:
         kind = sorted(KINDS - {"segment", "segment_notice", "episode"})[int(self.rng.integers(6))]
         return "data", encode(Message(kind, sender="fuzz", meta={"x": 1}))
 
+    # -- value level: well-formed, harmful ------------------------------------------------------
+    def hostile_segment(self):
+        """A segment of the right layout with one poisoned value (issue #18)."""
+        arrays = {k: np.zeros(sh, d) for k, (d, sh) in self.spec.arrays().items()}
+        kind = int(self.rng.integers(6))
+        bad_float = float(self.rng.choice([np.nan, np.inf, -np.inf]))
+        if kind == 0:
+            tokens = arrays["tokens"].reshape(-1)
+            tokens[int(self.rng.integers(tokens.size))] = self.vocab_size + int(self.rng.integers(0, 1000))
+        elif kind == 1:
+            name = str(self.rng.choice(["reward", "state", "chain", "behaviour_logp", "behaviour_value"]))
+            flat = arrays[name].reshape(-1)
+            flat[int(self.rng.integers(flat.size))] = bad_float
+        elif kind == 2:
+            arrays["done"][int(self.rng.integers(arrays["done"].size))] = int(self.rng.integers(2, 256))
+        elif kind == 3:
+            arrays["success"][int(self.rng.integers(arrays["success"].size))] = 1  # without done
+        elif kind == 4:
+            arrays["tokens"].reshape(-1)[0] = -int(self.rng.integers(1, 1000))
+        else:
+            arrays["success"][0] = int(self.rng.integers(2, 256))
+            arrays["done"][0] = 1
+        return "data", encode(Message("segment", sender="fuzz", policy_version=0, arrays=arrays))
+
+    def hostile_hello(self):
+        """A hello/heartbeat of a new peer with typed-field violations or a spoofed eval result."""
+        self._peers += 1
+        meta: dict = {"episodes": 3}
+        for choice in [int(self.rng.integers(6))]:  # one violation: one count per message
+            if choice == 0:
+                meta["mode"] = [5, "admin", "", None][int(self.rng.integers(4))]
+            elif choice == 1:
+                meta["env_steps_per_s"] = float(self.rng.choice([np.nan, np.inf]))
+            elif choice == 2:
+                meta["x" * int(self.rng.integers(65, 300))] = 1
+            elif choice == 3:
+                meta["note"] = "y" * int(self.rng.integers(129, 2000))
+            elif choice == 4:
+                meta["nested"] = {"a": [1, 2, 3]}
+            else:
+                meta.update(eval_success=float(self.rng.choice([1.0, 7.0, -1.0])), eval_episodes=4)
+        kind = "hello" if self.rng.random() < 0.5 else "heartbeat"
+        return "control", encode(Message(kind, sender=f"fuzz-peer-{self._peers}", policy_version=0, meta=meta))
+
     def control_garbage(self):
         gens = [self.random_bytes, self.truncated_frames, self.wrong_version, self.lying_length, self.bad_kind,
                 self.wrong_dtype, self.huge_shape]
@@ -461,8 +530,10 @@ def run_fuzz(messages: int, cfg, data_endpoint: str, control_endpoint: str, seed
             raise RuntimeError("the learner did not start training on the good stream")
         before = first.meta["dropped"]
         report.updates_before = first.meta["updates"]
-        predictor = Predictor(limits, {good.actor.ring.name}, spec, episode_spec=expected_episode_spec(cfg))
-        gens = Generators(rng, spec, limits, good.actor.ring.name, decoy.name, not_a_ring.name)
+        vocab_size = int(make_policy(cfg.policy).tokenizer.vocab_size)
+        predictor = Predictor(limits, {good.actor.ring.name}, spec, episode_spec=expected_episode_spec(cfg),
+                              vocab_size=vocab_size)
+        gens = Generators(rng, spec, limits, good.actor.ring.name, decoy.name, not_a_ring.name, vocab_size)
         while report.sent < messages:
             name, channel, frames = gens.draw()
             outcome = (predictor.data if channel == "data" else predictor.control)(frames)

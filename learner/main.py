@@ -87,7 +87,8 @@ class Ingest(threading.Thread):
                 reader = ShmRingReader.attach(name, spec.arrays(), meta.get("num_slots"))
             except (KeyError, TypeError, ValueError, OSError) as e:
                 self.dropped["bad_ring"] += 1
-                log.warning("dropping notice for ring %r from %s: %s", name, msg.sender, e)
+                self.drop_log.warn(f"dropping notice for ring {str(name)[:80]!r} from "
+                                   f"{str(msg.sender)[:MAX_PEER_NAME]!r}: {e}", key="bad_ring")
                 return
             self.rings[name] = reader
         segment = reader.take(meta)  # the one copy out of shared memory; then the slot is free
@@ -124,7 +125,8 @@ class Ingest(threading.Thread):
             for reason in rejected:
                 self.dropped[f"control_field:{reason}"] += 1
             if rejected:
-                self.drop_log.warn(f"control fields from {name!r} dropped: {', '.join(sorted(set(rejected)))}")
+                self.drop_log.warn(f"control fields from {name!r} dropped: {', '.join(sorted(set(rejected)))}",
+                                   key="control_field")
             if name not in self.peers and len(self.peers) >= self.max_peers:
                 self.peers.pop(min(self.peers, key=lambda n: self.peers[n]["last_seen"]))
             info = self.peers.setdefault(name, {"registered_mode": meta.get("mode", "train")})
@@ -141,7 +143,7 @@ class Ingest(threading.Thread):
                     self.L.record_eval(eval_report(meta, info["registered_mode"]))
                 except ValueError as e:
                     self.dropped["control_eval_result"] += 1
-                    self.drop_log.warn(f"eval result from {name!r} ignored: {e}")
+                    self.drop_log.warn(f"eval result from {name!r} ignored: {e}", key="control_eval_result")
         reply = Message(kind="status", sender="learner", policy_version=self.L.version,
                         meta=self.L.status(self.peers) if msg.kind == "status_request" else
                         {"session": self.L.session})
@@ -334,7 +336,8 @@ class Learner:
         self._last_publish = time.time()
         if bad:  # never send poisoned weights to actors and the robot
             self.unpublished_nonfinite += 1
-            self.drop_log.warn(f"not publishing version {self.version}: non-finite tensors {bad[:5]}")
+            self.drop_log.warn(f"not publishing version {self.version}: non-finite tensors {bad[:5]}",
+                               key="unpublished_nonfinite")
             return
         self.publisher.publish(self.version, self.policy.get_weights(), meta={"session": self.session})
 

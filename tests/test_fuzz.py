@@ -39,6 +39,9 @@ def test_learner_survives_fuzz_and_counts_every_bad_message(tmp_path):
     assert INGEST_KEYS <= set(report.observed), r
     assert any(k.startswith("unexpected_kind:") for k in report.observed)
     assert any(k.startswith("bad_episode:") for k in report.observed)  # counted by reason
+    # value-level and control-plane mutators (issue #18): well-formed messages that would do harm
+    for prefix in ("bad_segment_value:", "control_field:", "control_eval_result"):
+        assert any(k.startswith(prefix) for k in report.observed), (prefix, r)
     # each message is counted once, except a bad notice on a live ring (the ring's own counter too)
     # every message counted once ("ring" repeats slot_not_ready; "protocol_*/reason" break totals down)
     totals = {k: v for k, v in report.expected.items() if "/" not in k}
