@@ -166,9 +166,10 @@ def message_to_episode(msg: Message, spec: Optional[EpisodeSpec] = None) -> Epis
         raise EpisodeFormatError(f"fps {m['fps']!r:.40} is not an integer in (0, 1000]", "fps")
     if not isinstance(m["task"], str) or not 0 < len(m["task"]) <= 1000:
         raise EpisodeFormatError("task must be a non-empty instruction of at most 1000 characters", "task")
+    if not isinstance(m["episode_id"], str):
+        raise EpisodeFormatError(f"episode_id {m['episode_id']!r:.80} is not a string", "episode_id")
     try:
-        ep = Episode(episode_id=m["episode_id"] if isinstance(m["episode_id"], str) else repr(m["episode_id"]),
-                     task=m["task"], success=bool(success), fps=m["fps"], images=msg.arrays[IMAGE_KEY],
+        ep = Episode(episode_id=m["episode_id"], task=m["task"], success=bool(success), fps=m["fps"], images=msg.arrays[IMAGE_KEY],
                      states=msg.arrays[STATE_KEY], actions=msg.arrays[ACTION_KEY], source=str(m.get("source", "collect"))[:32],
                      policy_version=msg.policy_version, extra=dict(m.get("extra", {})))
     except (TypeError, ValueError) as e:

@@ -441,19 +441,19 @@ class Generators:
         """A hello/heartbeat of a new peer with typed-field violations or a spoofed eval result."""
         self._peers += 1
         meta: dict = {"episodes": 3}
-        for choice in [int(self.rng.integers(6))]:  # one violation: one count per message
-            if choice == 0:
-                meta["mode"] = [5, "admin", "", None][int(self.rng.integers(4))]
-            elif choice == 1:
-                meta["env_steps_per_s"] = float(self.rng.choice([np.nan, np.inf]))
-            elif choice == 2:
-                meta["x" * int(self.rng.integers(65, 300))] = 1
-            elif choice == 3:
-                meta["note"] = "y" * int(self.rng.integers(129, 2000))
-            elif choice == 4:
-                meta["nested"] = {"a": [1, 2, 3]}
-            else:
-                meta.update(eval_success=float(self.rng.choice([1.0, 7.0, -1.0])), eval_episodes=4)
+        choice = int(self.rng.integers(6))  # one violation: one count per message
+        if choice == 0:
+            meta["mode"] = [5, "admin", "", None][int(self.rng.integers(4))]
+        elif choice == 1:
+            meta["env_steps_per_s"] = float(self.rng.choice([np.nan, np.inf]))
+        elif choice == 2:
+            meta["x" * int(self.rng.integers(65, 300))] = 1
+        elif choice == 3:
+            meta["note"] = "y" * int(self.rng.integers(129, 2000))
+        elif choice == 4:
+            meta["nested"] = {"a": [1, 2, 3]}
+        else:
+            meta.update(eval_success=float(self.rng.choice([1.0, 7.0, -1.0])), eval_episodes=4)
         kind = "hello" if self.rng.random() < 0.5 else "heartbeat"
         return "control", encode(Message(kind, sender=f"fuzz-peer-{self._peers}", policy_version=0, meta=meta))
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import msgpack
 import numpy as np
 import zmq
+
+from common.ratelimited_log import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -284,10 +285,8 @@ class DropCounter:
 
     def __init__(self, name: str = "transport", log_interval_s: float = DROP_LOG_INTERVAL_S):
         self.name = name
-        self.log_interval_s = log_interval_s
         self.counts: dict[str, int] = {}
-        self._last_log: dict[str, float] = {}
-        self._unlogged: dict[str, int] = {}
+        self._log = RateLimitedLog(log, log_interval_s)
 
     @property
     def total(self) -> int:
@@ -297,14 +296,7 @@ class DropCounter:
         """Count one drop; ``err`` is a ProtocolError or a reason code such as "stale_version"."""
         reason = err.reason if isinstance(err, ProtocolError) else str(err)
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        now = time.monotonic()
-        if now - self._last_log.get(reason, -math.inf) < self.log_interval_s:
-            self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
-            return
-        suppressed = self._unlogged.pop(reason, 0)
-        self._last_log[reason] = now
-        more = f" (+{suppressed} more since last warning)" if suppressed else ""
-        log.warning("%s: dropped a message from %s: %s%s", self.name, peer or "?", err, more)
+        self._log.warn(f"{self.name}: dropped a message from {peer or '?'}: {err}", key=reason)
 
     def __repr__(self) -> str:
         return f"DropCounter({self.name!r}, total={self.total}, counts={self.counts})"

@@ -21,7 +21,7 @@ class RateLimitedLog:
         """Log ``text`` (truncated) unless its key (default: the text up to its first ':') was logged in
         the last ``every_s`` seconds; the next warning of that key says how many were suppressed."""
         key = key or text.split(":", 1)[0][:80]
-        now = time.time()
+        now = time.monotonic()
         if now - self._last.get(key, float("-inf")) < self.every_s:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return False

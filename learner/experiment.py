@@ -34,7 +34,7 @@ from common.config import run_with_config
 from common.evaluation import ENV_OVERRIDES_FILE, evaluate_parallel
 from common.pipeline import PY, Pipeline, run_stage
 from common.policy import load_policy
-from learner.checkpoint import list_checkpoints, load_checkpoint
+from learner.checkpoint import list_checkpoints
 from learner.cotrain import sft_inputs
 from learner.real_replay import RealReplay
 
@@ -104,18 +104,17 @@ def run_points(run_dir: Path, exec_horizon: int) -> list[dict]:
     return points
 
 
-def evaluate_all(cfg: DictConfig, pipe: Pipeline, runs: dict, env_overrides: list[str]) -> dict:
+def evaluate_all(cfg: DictConfig, pipe: Pipeline, points: dict[tuple[str, int], list[dict]],
+                 env_overrides: list[str]) -> dict:
     """One parallel evaluation of every policy not yet in ``eval.json``: Stage I and each run's last
     checkpoint on ``eval_episodes`` seeds, the other checkpoints on the first ``curve_episodes``."""
     e = cfg.experiment
     seeds = list(range(int(e.eval_seed), int(e.eval_seed) + int(e.eval_episodes)))
     curve_seeds = seeds[:int(e.curve_episodes)]
-    exec_horizon = load_policy(str(pipe.stage1_policy)).exec_horizon
     jobs = {str(pipe.stage1_policy): seeds}
-    for run_dir in runs.values():
-        points = run_points(run_dir, exec_horizon)
-        for i, pt in enumerate(points):
-            jobs[pt["policy"]] = seeds if i == len(points) - 1 else curve_seeds
+    for curve in points.values():
+        for pt in curve:
+            jobs[pt["policy"]] = seeds if pt is curve[-1] else curve_seeds
     out_file = pipe.run / "eval.json"
     done = json.loads(out_file.read_text()) if out_file.exists() else {}
     todo = [(d, list(ENVS), s) for d, s in jobs.items()
@@ -129,7 +128,8 @@ def evaluate_all(cfg: DictConfig, pipe: Pipeline, runs: dict, env_overrides: lis
     return done
 
 
-def collect_results(cfg: DictConfig, pipe: Pipeline, runs: dict, evals: dict, heldout: RealReplay) -> dict:
+def collect_results(cfg: DictConfig, pipe: Pipeline, runs: dict, points: dict, evals: dict,
+                    heldout: RealReplay) -> dict:
     """Per condition and seed: final success/return per env, held-out real SFT loss, and the curve."""
     device = str(cfg.experiment.eval_device)
     losses: dict[str, float] = {}
@@ -144,11 +144,10 @@ def collect_results(cfg: DictConfig, pipe: Pipeline, runs: dict, evals: dict, he
                         f"{env}_return": s[env]["mean_return"]})
         return out
 
-    exec_horizon = load_policy(str(pipe.stage1_policy)).exec_horizon
     stage1 = point(str(pipe.stage1_policy), {"updates": 0, "env_steps": 0})
     results: dict[str, dict] = {"sft": {int(seed): stage1 for seed in cfg.experiment.seeds}}
     for (cond, seed), run_dir in runs.items():
-        curve = [stage1] + [point(pt["policy"], pt) for pt in run_points(run_dir, exec_horizon)]
+        curve = [stage1] + [point(pt["policy"], pt) for pt in points[(cond, seed)]]
         summary = json.loads((run_dir / "summary.json").read_text())
         results.setdefault(cond, {})[seed] = dict(curve[-1], curve=curve, duration_s=summary["duration_s"],
                                                   dropped_segments=summary["dropped"])
@@ -248,12 +247,12 @@ def plot_curves(results: dict, out_dir: Path) -> None:
     plt.close(fig)
 
 
-def ship_cotrained(pipe: Pipeline, runs: dict, env_overrides: list[str]) -> None:
+def ship_cotrained(pipe: Pipeline, points: dict, env_overrides: list[str]) -> None:
     """The co-trained policy of the first seed as ``stage2_cotrain/`` (a checkpoints/stage1-style folder)."""
-    key = next((k for k in runs if k[0] == "cotrain"), None)
+    key = next((k for k in points if k[0] == "cotrain"), None)
     if key is None:
         return
-    src = Path(run_points(runs[key], 1)[-1]["policy"])
+    src = Path(points[key][-1]["policy"])
     dst = pipe.run / "stage2_cotrain"
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
@@ -280,12 +279,14 @@ def experiment(cfg: DictConfig, overrides: list[str]) -> int:
     env_overrides = [o for o in pipe.env if o.startswith("env.")]
     runs = stage2_runs(cfg, pipe)
     run_stage2_all(cfg, pipe, runs)
-    evals = evaluate_all(cfg, pipe, runs, env_overrides)
-    results = collect_results(cfg, pipe, runs, evals, heldout)
+    exec_horizon = load_policy(str(pipe.stage1_policy)).exec_horizon  # env steps per chunk-step
+    points = {key: run_points(run_dir, exec_horizon) for key, run_dir in runs.items()}
+    evals = evaluate_all(cfg, pipe, points, env_overrides)
+    results = collect_results(cfg, pipe, runs, points, evals, heldout)
     (pipe.run / "experiment.json").write_text(json.dumps({"results": results}, indent=1))
     write_table(cfg, pipe, results)
     plot_curves(results, pipe.run)
-    ship_cotrained(pipe, runs, env_overrides)
+    ship_cotrained(pipe, points, env_overrides)
     if runs:
         pipe.report(list(runs.values()), pipe.run / "report")
     return 0

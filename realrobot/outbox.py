@@ -182,10 +182,11 @@ class EpisodePusher:
         self.sender.close()
         self.control.close()
 
-    def _query_stored(self, ids: list[str]) -> Optional[set[str]]:
-        """The subset of ``ids`` the learner holds; None when it did not answer. Ids it refused are
-        quarantined on the way (``self.rejected``)."""
+    def _query_stored(self, ids: list[str]) -> Optional[tuple[set[str], set[str]]]:
+        """(the subset of ``ids`` the learner holds, the subset it refused, which are quarantined on
+        the way); None when it did not answer."""
         stored: set[str] = set()
+        refused: set[str] = set()
         step = self.config.max_ids_per_query
         for i in range(0, max(len(ids), 1), step):
             reply = self.control.request(ack_request(ids[i:i + step], sender=self.identity),
@@ -199,15 +200,16 @@ class EpisodePusher:
                                 "not acknowledge episodes; sent ones stay unacknowledged in %s "
                                 "(set outbox.require_ack=false to not wait for acks)", self.outbox.dir)
                     self._warned_no_ack = True
-                return stored
+                return stored, refused
             stored |= got
             for episode_id, reason in parse_ack_rejections(reply).items():
                 if episode_id in ids[i:i + step] and episode_id not in got:
                     where = self.outbox.quarantine(episode_id, f"refused by the learner: {reason}")
-                    self.counts["rejected"] += 1
+                    refused.add(episode_id)
                     log.error("outbox: the learner refused episode %s (%s); moved to %s, not resent",
                               episode_id, reason, where)
-        return stored
+        self.counts["rejected"] += len(refused)
+        return stored, refused
 
     def _send(self, episode_id: str) -> bool:
         try:
@@ -246,13 +248,12 @@ class EpisodePusher:
             return result
         if not pending and not unacked:
             return result
-        stored = self._query_stored(unacked + pending)
-        if stored is None:
+        answer = self._query_stored(unacked + pending)
+        if answer is None:
             return result  # learner away: everything waits on disk
+        stored, refused = answer  # the refused ones are in quarantine now
         result.reachable = True
-        if self.counts["rejected"]:  # refused ones were quarantined by the query
-            present = set(box.ids())
-            pending, unacked = [i for i in pending if i in present], [i for i in unacked if i in present]
+        pending, unacked = [i for i in pending if i not in refused], [i for i in unacked if i not in refused]
         for episode_id in unacked + pending:
             if episode_id in stored:
                 box.mark_acked(episode_id, c.delete_acked_arrays)
