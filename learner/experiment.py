@@ -8,8 +8,12 @@ Per seed, Stage II runs with co-training (``use_real_data_co_training=true``) an
 Every condition, Stage I's policy included, is then scored by one parallel deterministic
 evaluation (``tandem-eval``'s workers) on the same held-out episode seeds of the twin and the real
 proxy: the final policy of each run on ``eval_episodes``, its intermediate checkpoints on the
-first ``curve_episodes`` of them (success against env steps). A re-run continues: finished Stage II
-runs and evaluated policies are kept.
+first ``curve_episodes`` of them. The success-against-env-steps curve scores every point (Stage I
+and the final policy included) on those same first seeds, so that its points differ by training
+only. A re-run continues: finished Stage II runs and evaluated policies are kept; with
+``experiment.continue_runs=true`` a run that stopped on its time limit before
+``pipeline.stage2_updates`` resumes from its last checkpoint for another ``pipeline.stage2_max_duration_s``
+(more env steps across device calls).
 
 Besides success, two measures that move before success does: the mean episode return on each env,
 and the flow-matching (SFT) loss on held-out real-proxy demonstrations, i.e. how much of what the
@@ -67,9 +71,20 @@ def port_overrides(slot: int, base_port: int) -> list[str]:
             for name, port in zip(("data", "weights", "control"), ports)]
 
 
+def needs_stage2(run_dir: Path, target_updates: int, continue_runs: bool) -> bool:
+    """A run without a summary has not run (or died); one that stopped short of ``target_updates``
+    (its time limit) is continued only when asked, since continuing changes its result."""
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        return True
+    return continue_runs and json.loads(summary.read_text())["updates"] < target_updates
+
+
 def run_stage2_all(cfg: DictConfig, pipe: Pipeline, runs: dict[tuple[str, int], Path]) -> None:
-    """Every unfinished Stage II run, ``experiment.concurrent`` at a time; each logs to ``RUN.log``."""
-    todo = [(key, d) for key, d in runs.items() if not (d / "summary.json").exists()]
+    """Every Stage II run still to do, ``experiment.concurrent`` at a time; each logs to ``RUN.log``
+    (appended to when a run is continued)."""
+    todo = [(key, d) for key, d in runs.items()
+            if needs_stage2(d, int(cfg.pipeline.stage2_updates), bool(cfg.experiment.continue_runs))]
     concurrent = max(1, int(cfg.experiment.concurrent))
     for start in range(0, len(todo), concurrent):
         group, procs, t0 = todo[start:start + concurrent], [], time.time()
@@ -79,7 +94,7 @@ def run_stage2_all(cfg: DictConfig, pipe: Pipeline, runs: dict[tuple[str, int], 
             cmd = pipe.stage2_command(run_dir, [f"seed={seed}", *STAGE2[cond],
                                                 *port_overrides(slot, int(cfg.experiment.base_port))])
             print("$", " ".join(cmd), flush=True)
-            log = open(run_dir.with_suffix(".log"), "w")
+            log = open(run_dir.with_suffix(".log"), "a")
             procs.append((cond, seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
         failed = []
         for cond, seed, proc, log in procs:
@@ -132,6 +147,8 @@ def collect_results(cfg: DictConfig, pipe: Pipeline, runs: dict, points: dict, e
                     heldout: RealReplay) -> dict:
     """Per condition and seed: final success/return per env, held-out real SFT loss, and the curve."""
     device = str(cfg.experiment.eval_device)
+    first = int(cfg.experiment.eval_seed)
+    curve_seeds = set(range(first, first + int(cfg.experiment.curve_episodes)))
     losses: dict[str, float] = {}
 
     def point(policy_dir: str, extra: dict) -> dict:
@@ -141,7 +158,8 @@ def collect_results(cfg: DictConfig, pipe: Pipeline, runs: dict, points: dict, e
         out = dict(extra, heldout_real_sft_loss=losses[policy_dir])
         for env in ENVS:
             out.update({env: s[env]["success"], f"{env}_ci95": s[env]["ci95"], f"{env}_episodes": s[env]["episodes"],
-                        f"{env}_return": s[env]["mean_return"]})
+                        f"{env}_return": s[env]["mean_return"],
+                        f"{env}_curve": success_on(evals[policy_dir]["episodes"], env, curve_seeds)})
         return out
 
     stage1 = point(str(pipe.stage1_policy), {"updates": 0, "env_steps": 0})
@@ -152,6 +170,54 @@ def collect_results(cfg: DictConfig, pipe: Pipeline, runs: dict, points: dict, e
         results.setdefault(cond, {})[seed] = dict(curve[-1], curve=curve, duration_s=summary["duration_s"],
                                                   dropped_segments=summary["dropped"])
     return results
+
+
+def success_on(episodes: list[dict], env: str, seeds: set) -> float:
+    """Success rate of the evaluated ``episodes`` of ``env`` whose seed is in ``seeds``."""
+    hits = [bool(e["success"]) for e in episodes if e["env"] == env and e["seed"] in seeds]
+    if not hits:
+        raise ValueError(f"no evaluated {env} episode on the curve seeds {min(seeds)}..{max(seeds)}")
+    return float(np.mean(hits))
+
+
+def paired_change(evals: dict, stage1_dir: str, final_dirs: list[str], env: str, seeds: list[int],
+                  resamples: int = 10_000) -> dict:
+    """Each final policy against Stage I on the same deterministic episodes: the mean change in success
+    (averaged over runs) with a bootstrap 95 % interval over episode seeds, and per run how many
+    episodes it newly solves / newly fails. Pairing removes the seeds' own difficulty from the noise."""
+    def outcomes(policy_dir: str) -> np.ndarray:
+        by_seed = {e["seed"]: bool(e["success"]) for e in evals[policy_dir]["episodes"] if e["env"] == env}
+        return np.array([by_seed[s] for s in seeds], dtype=float)
+
+    base = outcomes(stage1_dir)
+    runs = np.stack([outcomes(d) for d in final_dirs])
+    diff = runs.mean(axis=0) - base
+    rng = np.random.default_rng(0)
+    boot = diff[rng.integers(0, len(seeds), size=(resamples, len(seeds)))].mean(axis=1)
+    return {"change": float(diff.mean()), "ci95": [float(v) for v in np.percentile(boot, [2.5, 97.5])],
+            "gained": [int(((r == 1) & (base == 0)).sum()) for r in runs],
+            "lost": [int(((r == 0) & (base == 1)).sum()) for r in runs], "episodes": len(seeds)}
+
+
+def paired_summary(cfg: DictConfig, pipe: Pipeline, points: dict, evals: dict) -> dict:
+    """``paired_change`` per condition (over its seeds) and env, on the ``eval_episodes`` seeds."""
+    first = int(cfg.experiment.eval_seed)
+    seeds = list(range(first, first + int(cfg.experiment.eval_episodes)))
+    finals: dict[str, list[str]] = {}
+    for (cond, _), curve in sorted(points.items()):
+        finals.setdefault(cond, []).append(curve[-1]["policy"])
+    return {cond: {env: paired_change(evals, str(pipe.stage1_policy), dirs, env, seeds) for env in ENVS}
+            for cond, dirs in finals.items()}
+
+
+def paired_lines(paired: dict) -> list[str]:
+    lines = ["| condition | env | change vs Stage I (95 % CI) | episodes newly solved / newly failed, per seed |",
+             "|---|---|---|---|"]
+    for cond, per_env in paired.items():
+        for env, p in per_env.items():
+            counts = ", ".join(f"{g} / {lo}" for g, lo in zip(p["gained"], p["lost"]))
+            lines.append(f"| {cond} | {env} | {p['change']:+.3f} ({p['ci95'][0]:+.3f} to {p['ci95'][1]:+.3f}) | {counts} |")
+    return lines
 
 
 def check_targets(results: dict) -> list[str]:
@@ -173,7 +239,7 @@ def check_targets(results: dict) -> list[str]:
     return lines
 
 
-def write_table(cfg: DictConfig, pipe: Pipeline, results: dict) -> None:
+def write_table(cfg: DictConfig, pipe: Pipeline, results: dict, paired: dict) -> None:
     p = cfg.pipeline
     e = cfg.experiment
     stage1 = f"checkpoint `{p.stage1_checkpoint}`" if p.stage1_checkpoint else \
@@ -201,6 +267,8 @@ def write_table(cfg: DictConfig, pipe: Pipeline, results: dict) -> None:
             lines.append(f"| {cond} | {seed} | {r['twin']:.3f} ({r['twin_ci95'][0]:.2f}-{r['twin_ci95'][1]:.2f}) | "
                          f"{r['real_proxy']:.3f} ({r['real_proxy_ci95'][0]:.2f}-{r['real_proxy_ci95'][1]:.2f}) | "
                          f"{r['heldout_real_sft_loss']:.3f} | {r['updates']} | {r['env_steps']} |")
+    lines += ["", f"Paired against Stage I on the same {cfg.experiment.eval_episodes} episodes per env "
+              "(mean over seeds; bootstrap over episode seeds):", "", *paired_lines(paired)]
     lines += ["", "Targets:", "", *check_targets(results), "",
               "Plots: `success_vs_env_steps.png`, `heldout_sft_loss.png`; training curves: `report/report.md`."]
     (pipe.run / "experiment.md").write_text("\n".join(lines) + "\n")
@@ -217,16 +285,19 @@ def plot_curves(results: dict, out_dir: Path) -> None:
     panels = [("twin", "twin success"), ("real_proxy", "real-proxy success")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (env, title) in zip(axes, panels):
-        ax.axhline(stage1[env], color="gray", ls="--", label="Stage I")
+        ax.axhline(stage1[f"{env}_curve"], color="gray", ls="--", label="Stage I (curve seeds)")
+        ax.axhline(stage1[env], color="gray", ls=":", label=f"Stage I ({stage1[f'{env}_episodes']} episodes)")
         for cond, per_seed in results.items():
             for i, (seed, r) in enumerate(sorted(per_seed.items())):
                 if "curve" not in r:
                     continue
-                ax.plot([p["env_steps"] for p in r["curve"]], [p[env] for p in r["curve"]], "o-",
-                        color=colors.get(cond), alpha=0.85, label=cond if i == 0 else None)
+                ax.plot([p["env_steps"] for p in r["curve"]], [p[f"{env}_curve"] for p in r["curve"]], "o-",
+                        color=colors.get(cond), alpha=0.85, label=f"{cond} (curve seeds)" if i == 0 else None)
+                ax.plot([r["env_steps"]], [r[env]], "*", ms=12, color=colors.get(cond), alpha=0.85,
+                        label=f"{cond} final ({r[f'{env}_episodes']} episodes)" if i == 0 else None)
         ax.set(title=title, xlabel="env steps trained on", ylabel="success (held-out seeds)", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "success_vs_env_steps.png", dpi=110)
     plt.close(fig)
@@ -276,15 +347,20 @@ def experiment(cfg: DictConfig, overrides: list[str]) -> int:
         pipe.stage1()
     heldout = heldout_replay(cfg, pipe)
     # the env every policy is scored on: the Stage I checkpoint's render settings over this config's
-    env_overrides = [o for o in pipe.env if o.startswith("env.")]
+    env_overrides = list(dict.fromkeys(o for o in pipe.env if o.startswith("env.")))
     runs = stage2_runs(cfg, pipe)
     run_stage2_all(cfg, pipe, runs)
     exec_horizon = load_policy(str(pipe.stage1_policy)).exec_horizon  # env steps per chunk-step
     points = {key: run_points(run_dir, exec_horizon) for key, run_dir in runs.items()}
     evals = evaluate_all(cfg, pipe, points, env_overrides)
+    if not runs:  # experiment.seeds=[]: only the shared part (held-out demos, Stage I's evaluation), cached
+        stage1 = evals[str(pipe.stage1_policy)]["summary"]
+        print("[tandem-experiment] Stage I: " + ", ".join(f"{env} {stage1[env]['success']:.3f}" for env in ENVS))
+        return 0
     results = collect_results(cfg, pipe, runs, points, evals, heldout)
-    (pipe.run / "experiment.json").write_text(json.dumps({"results": results}, indent=1))
-    write_table(cfg, pipe, results)
+    paired = paired_summary(cfg, pipe, points, evals)
+    (pipe.run / "experiment.json").write_text(json.dumps({"results": results, "paired": paired}, indent=1))
+    write_table(cfg, pipe, results, paired)
     plot_curves(results, pipe.run)
     ship_cotrained(pipe, points, env_overrides)
     if runs:

@@ -46,6 +46,10 @@ METRICS = [
     Metric("policy_lag/max", "policy lag (max)", "min"),
     Metric("throughput/sim_samples_per_s", "sim samples/s", "max"),
     Metric("sft/loss", "Stage I SFT loss", "min"),
+    Metric("train/approx_kl", "approx. KL to the behaviour policy", None),
+    Metric("train/clip_fraction", "PPO clip fraction", None),
+    Metric("train/explained_variance", "value explained variance", "max"),
+    Metric("rollout/success_rate_in_batch", "success in trained batches (stochastic)", "max"),
 ]
 LABEL = {m.tag: m.label for m in METRICS}
 
@@ -75,6 +79,11 @@ FIGURES = [
     Figure("losses.png", "Co-training losses",
            (Panel("train/ppo_loss", ("train/ppo_loss",)), Panel("train/sft_loss", ("train/sft_loss",)),
             Panel("actor/total_loss", ("actor/total_loss",)), Panel("train/loss_ratio", ("train/loss_ratio",), log_y=True))),
+    # PPO's health: an update should move the policy by approx. KL ~0.01-0.02 with a clip fraction ~0.1
+    Figure("ppo_health.png", "PPO step size and critic",
+           (Panel("approx. KL", ("train/approx_kl",), log_y=True), Panel("clip fraction", ("train/clip_fraction",)),
+            Panel("value explained variance", ("train/explained_variance",)),
+            Panel("success in trained batches", ("rollout/success_rate_in_batch",), ylim=SUCCESS_YLIM))),
     Figure("policy_lag.png", "Policy lag (versions; solid mean, dashed max)",
            (Panel("policy lag", ("policy_lag/mean", "policy_lag/max")),)),
     Figure("throughput.png", "Learner throughput", (Panel("sim samples/s", ("throughput/sim_samples_per_s",)),)),

@@ -1,11 +1,15 @@
 """tandem-experiment's bookkeeping: curve points from a run's checkpoints, distinct ports per
-concurrent run, and the issue's targets judged per seed."""
+concurrent run, the issue's targets judged per seed, curve points scored on one seed set, and
+which runs a re-run continues."""
+import json
+
+import pytest
 import torch
 
 from common.config import load_config
 from common.policy import make_policy
 from learner.checkpoint import LearnerCounters, save_checkpoint
-from learner.experiment import check_targets, port_overrides, run_points
+from learner.experiment import check_targets, needs_stage2, paired_change, port_overrides, run_points, success_on
 
 
 def test_curve_points_count_env_steps_from_the_checkpoints(tmp_path):
@@ -36,3 +40,36 @@ def test_targets_are_judged_per_seed():
     assert "(shows what" in lines[1]
     assert lines[2].count("not met") == 2  # seed 1: +0.08 twin, -0.09 real
     assert "does not show" in lines[3]  # PPO kept more real success and a lower loss than co-training
+
+
+def test_curve_success_counts_only_the_curve_seeds():
+    episodes = [{"env": "twin", "seed": 100000 + i, "success": i % 2 == 0} for i in range(10)]
+    episodes += [{"env": "real_proxy", "seed": 100000 + i, "success": True} for i in range(10)]
+    assert success_on(episodes, "twin", set(range(100000, 100004))) == 0.5
+    assert success_on(episodes, "twin", {100000, 100002}) == 1.0
+    with pytest.raises(ValueError, match="no evaluated twin episode"):
+        success_on(episodes, "twin", {5})
+
+
+def test_a_rerun_continues_only_unfinished_runs_and_only_when_asked(tmp_path):
+    fresh, short, done = tmp_path / "fresh", tmp_path / "short", tmp_path / "done"
+    for d, updates in ((short, 39), (done, 60)):
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"updates": updates}))
+    assert needs_stage2(fresh, 60, continue_runs=False)
+    assert not needs_stage2(short, 60, continue_runs=False)
+    assert needs_stage2(short, 60, continue_runs=True)
+    assert not needs_stage2(done, 60, continue_runs=True)
+
+
+def test_paired_change_counts_episodes_solved_and_lost_against_stage1():
+    seeds = list(range(10))
+    def evals_of(successes):
+        return {"episodes": [{"env": "twin", "seed": s, "success": ok} for s, ok in zip(seeds, successes)]}
+    evals = {"s1": evals_of([1, 1, 0, 0, 0, 0, 0, 0, 0, 0]),
+             "a": evals_of([1, 0, 1, 1, 0, 0, 0, 0, 0, 0]),   # +2 solved, 1 lost
+             "b": evals_of([1, 1, 0, 0, 0, 0, 0, 0, 0, 0])}   # unchanged
+    p = paired_change(evals, "s1", ["a", "b"], "twin", seeds, resamples=2000)
+    assert p["gained"] == [2, 0] and p["lost"] == [1, 0]
+    assert abs(p["change"] - 0.05) < 1e-9  # (+0.1 + 0) / 2
+    assert p["ci95"][0] <= p["change"] <= p["ci95"][1]

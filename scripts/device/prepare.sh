@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# scripts/device/prepare.sh [OUTDIR=.devcarry] [CHUNK_MIB=36]
+# scripts/device/prepare.sh [OUTDIR=.devcarry] [CHUNK_MIB=28]
 # Tandem's copy of the tested ManiSkill recipe (../shared/device/prepare.sh), extended with the
 # project's own import-time needs (pyzmq, hydra-core, omegaconf, antlr4-python3-runtime) and with
 # the project's device scripts in every chunk. docs/gpu.md gives the device call sequence.
 # Runs on the development machine (it reaches the package registries). Downloads ManiSkill3 3.0.1 + SAPIEN 3.0.3 (cp312) and
 # the pure-python deps the device image lacks, plus the Debian GL/Vulkan loader .debs, packs the
-# wheels into one tar, and splits it into OUTDIR/chunk1..chunkN (each CHUNK_MIB MiB, default 36: with the ~23 MB working tree),
+# wheels into one tar, and splits it into OUTDIR/chunk1..chunkN (each CHUNK_MIB MiB, default 28: with the ~33 MB working tree),
 # so that each device `run` call carries < 64 MiB. GL debs go to OUTDIR/gl (~0.4 MB).
 # Every chunk dir also gets MANIFEST, device_install.sh and bench_maniskill.py.
 set -euo pipefail
 OUT=${1:-.devcarry}
-CHUNK_MIB=${2:-36}
+CHUNK_MIB=${2:-28}
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${MS_RECIPE_CACHE:-${TMPDIR:-/tmp}/ms_recipe_cache}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -32,10 +32,11 @@ PKGS=(
   tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 shtab==1.13.0
   pyperclip==1.11.0 importlib-resources==7.1.0
   # Tandem (actors, learner, tandem-* commands): what the GPU image lacks at import time.
-  # lerobot is deliberately not carried: only learner/real_replay.py, learner/sft.py,
-  # common/twin/demos.py and realrobot/ import it, and the GPU benchmarks need none of them.
   pyzmq==27.3.0 hydra-core==1.3.8 omegaconf==2.3.1
 )
+# lerobot and its dataset wheels (demos, Stage I, the real replay; av alone is 40 MB) join the same
+# bundle, so that no call has to carry a 40 MB file next to the ~33 MB working tree.
+N_LEROBOT_WHEELS=5   # prepare_lerobot.sh: lerobot datasets dill multiprocess av
 # antlr4-python3-runtime 4.9.3 (hydra-core's pin) exists only as an sdist: built here as a wheel.
 SDIST_PKGS=(antlr4-python3-runtime==4.9.3)
 PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
@@ -45,8 +46,10 @@ echo "[prepare] downloading ${#PKGS[@]} wheels"
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT \
     -d "$CACHE/bundle/wheels" "${PKGS[@]}" 2>&1 | grep -v "is ignored: it is neither" || true
 $PY -m pip wheel -q --no-deps -w "$CACHE/bundle/wheels" "${SDIST_PKGS[@]}"
+PYTHON=$PY bash "$HERE/prepare_lerobot.sh" "$CACHE/bundle/wheels" >/dev/null
 n=$(ls "$CACHE/bundle/wheels"/*.whl | wc -l)
-[ "$n" -eq "$(( ${#PKGS[@]} + ${#SDIST_PKGS[@]} ))" ] || { echo "[prepare] expected $(( ${#PKGS[@]} + ${#SDIST_PKGS[@]} )) wheels, got $n"; exit 1; }
+want=$(( ${#PKGS[@]} + ${#SDIST_PKGS[@]} + N_LEROBOT_WHEELS ))
+[ "$n" -eq "$want" ] || { echo "[prepare] expected $want wheels, got $n"; exit 1; }
 
 echo "[prepare] downloading GL/Vulkan loader debs (amd64)"
 o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'

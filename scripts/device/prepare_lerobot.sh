@@ -2,7 +2,7 @@
 # scripts/device/prepare_lerobot.sh [OUTDIR=.whl]
 # The wheels the GPU image lacks for LeRobot datasets (demos, Stage I, the real replay): lerobot and
 # what its dataset code imports, pinned to this project's venv versions, for Python 3.12.
-# On the device, after the three ManiSkill chunks (docs/gpu.md), in one more call carrying OUTDIR:
+# prepare.sh puts them into the device bundle; alone, a call carrying OUTDIR installs them with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site OUTDIR/*.whl
 set -euo pipefail
 OUT=${1:-.whl}
