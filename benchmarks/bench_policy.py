@@ -14,11 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
+from common.config import load_policy_preset
 from common.policy import make_policy
-
-POLICY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "policy"
 
 
 def random_obs(policy, batch: int, device, hw) -> dict:
@@ -87,7 +85,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    cfg = yaml.safe_load((POLICY_CONFIGS / f"{args.preset}.yaml").read_text())
+    cfg = load_policy_preset(args.preset)
     policy = make_policy(cfg).to(device).eval()
     hw = tuple(args.image_hw) if args.image_hw else (policy.image_size, policy.image_size)
     counts = {name: sum(p.numel() for p in getattr(policy, name).parameters())

@@ -22,6 +22,13 @@ def load_config(config_name: str = "config", overrides: Sequence[str] = ()) -> D
         return compose(config_name=config_name, overrides=list(overrides))
 
 
+def load_policy_preset(preset: str, dotlist: Sequence[str] = ()) -> dict:
+    """``configs/policy/<preset>.yaml`` composed with its defaults (the compact presets share
+    ``compact_vla_common.yaml``), then ``dotlist`` (e.g. ``noise.mode=scheduled``) merged in, as a dict."""
+    policy = load_config("config", [f"policy={preset}"]).policy
+    return OmegaConf.to_container(OmegaConf.merge(policy, OmegaConf.from_dotlist(list(dotlist))), resolve=True)
+
+
 # Errors a user can act on (a bad value, a missing file or device, an absent learner): one line
 # naming the problem, no traceback (TANDEM_TRACEBACK=1 shows it).
 USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, ConnectionError, ImportError, KeyError)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from common.config import load_policy_preset
 from common.policy import CompactVLA, Normalizer, load_policy, make_policy
 from common.policy import flow
 
@@ -34,8 +34,7 @@ def one_thread():
 
 
 def tiny_cfg(*dotlist: str) -> dict:
-    cfg = OmegaConf.merge(OmegaConf.load(POLICY_CONFIGS / "tiny.yaml"), OmegaConf.from_dotlist(list(dotlist)))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return load_policy_preset("tiny", dotlist)
 
 
 def make_tiny(*dotlist: str, stats=STATS, seed: int = 0) -> CompactVLA:
@@ -314,8 +313,7 @@ def test_tokenizer_and_observation_formats():
 def test_presets_compose_and_have_the_right_size():
     from hydra import compose, initialize_config_dir
 
-    keys = set(OmegaConf.load(POLICY_CONFIGS / "tiny.yaml"))
-    assert keys == set(OmegaConf.load(POLICY_CONFIGS / "base.yaml"))
+    assert set(load_policy_preset("tiny")) == set(load_policy_preset("base"))
     with initialize_config_dir(config_dir=str(POLICY_CONFIGS.parent), version_base=None):
         base = compose(overrides=["+policy=base"]).policy
     assert base.name == "compact_vla" and base.preset == "base"
