@@ -11,7 +11,6 @@ a reader (or a restart after a crash mid-save) only ever sees complete checkpoin
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from common.imports import import_object
 
 PREFIX = "ckpt-"
 TMP_PREFIX = ".tmp-"
@@ -54,12 +55,6 @@ def _class_path(obj) -> str:
     return f"{type(obj).__module__}:{type(obj).__qualname__}"
 
 
-def _import_class(path: str):
-    module, qualname = path.split(":")
-    obj = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
@@ -109,7 +104,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
     path = Path(path)
     with open(path / "meta.json") as f:
         meta = json.load(f)
-    policy = _import_class(meta["policy_class"]).load(str(path / "policy"), map_location=map_location)
+    policy = import_object(meta["policy_class"]).load(str(path / "policy"), map_location=map_location)
     optimizer_state = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
     known = {k: v for k, v in meta["counters"].items() if k in LearnerCounters.__dataclass_fields__}
     return Checkpoint(path, policy, optimizer_state, LearnerCounters(**known), meta.get("extra", {}))

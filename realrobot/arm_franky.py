@@ -20,7 +20,7 @@ import numpy as np
 
 from realrobot.arm import (ACTION_DIM, GRIPPER_INDEX, STATE_DIM, Arm, ArmConfig,
                            RobotUnreachableError, check_reachable)
-from realrobot.pose_math import (apply_delta, euler_xyz_to_matrix, matrix_to_quat_wxyz,
+from common.pose_math import (apply_delta, euler_xyz_to_matrix, matrix_to_quat_wxyz,
                                  quat_wxyz_to_matrix, wxyz_to_xyzw, xyzw_to_wxyz)
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,10 @@ driver (pyspacemouse, a display for pynput) costs nothing unless it is used.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import fields
 from typing import Any, ClassVar, Mapping
+
+from common.imports import import_object
 
 
 def to_plain(cfg: Any) -> dict:
@@ -44,5 +45,4 @@ def load_backend(registry: Mapping[str, str], kind: str, what: str):
     """The class registered as "package.module:Class" under ``kind``."""
     if kind not in registry:
         raise ValueError(f"unknown {what} type {kind!r} (known: {sorted(registry)})")
-    module, cls = registry[kind].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return import_object(registry[kind])

@@ -1,15 +1,14 @@
 """The Franka backend's motion commands, built with the installed franky (no robot needed):
 the twin's delta rule, absolute and relative targets, gripper commands, stop and recovery."""
+import franky
 import numpy as np
 import pytest
 import torch
-
-franky = pytest.importorskip("franky")
 from mani_skill.utils.geometry.rotation_conversions import (euler_angles_to_matrix, matrix_to_quaternion,
                                                              quaternion_multiply)
 
+from common.pose_math import apply_delta, quat_wxyz_to_matrix, xyzw_to_wxyz
 from realrobot.arm_franky import FrankyArm, FrankyArmConfig
-from realrobot.pose_math import apply_delta, quat_wxyz_to_matrix, xyzw_to_wxyz
 
 STATE = np.array([0.45, -0.05, 0.30, 0.0, 1.0, 0.0, 0.0, 0.08], dtype=np.float32)  # tcp pointing down
 DELTA = np.array([0.01, -0.02, 0.015, 0.05, -0.08, 0.12, 1.0], dtype=np.float32)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-pytest.importorskip("mani_skill")
 
 from common.config import load_config  # noqa: E402
 from common.twin import ACTION_KEY, IMAGE_KEY, STATE_KEY, ScriptedExpert, make_env, write_demos  # noqa: E402

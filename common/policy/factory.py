@@ -5,10 +5,11 @@ with heavy dependencies (pi0.5) costs nothing unless it is used.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from typing import Mapping, Optional
+
+from common.imports import import_object
 
 from .base import Policy
 
@@ -26,8 +27,7 @@ def register_backend(name: str, target: str) -> None:
 def _backend(name: str) -> type[Policy]:
     if name not in BACKENDS:
         raise ValueError(f"unknown policy backend {name!r} (registered: {sorted(BACKENDS)})")
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return import_object(BACKENDS[name])
 
 
 def plain_dict(cfg) -> dict:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from common.pose_math import quat_wxyz_to_matrix
 from common.twin.task import TandemPickPlaceEnv
 
 
@@ -24,15 +25,6 @@ class Phase(IntEnum):
     LOWER = 5
     OPEN = 6
     RETREAT = 7
-
-
-def _quat_to_matrix(q: np.ndarray) -> np.ndarray:
-    w, x, y, z = q
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
 
 
 def _wrap(angle: float, period: float) -> float:
@@ -73,12 +65,12 @@ class ScriptedExpert:
         """Gripper yaw for the grasp: square to a cube face; keep the current yaw otherwise."""
         if s["shape"] != "cube":
             return tcp_yaw
-        obj_x = _quat_to_matrix(s["obj_q"])[:, 0]
+        obj_x = quat_wxyz_to_matrix(s["obj_q"])[:, 0]
         cube_yaw = np.arctan2(obj_x[1], obj_x[0])
         return tcp_yaw + _wrap(cube_yaw - tcp_yaw, np.pi / 2)
 
     def _move(self, s: dict, target: np.ndarray, yaw: Optional[float], gripper: float) -> np.ndarray:
-        R = _quat_to_matrix(s["tcp_q"])
+        R = quat_wxyz_to_matrix(s["tcp_q"])
         # keep the approach axis (tcp z) pointing down: rotation vector taking it to -z
         tilt = np.cross(R[:, 2], np.array([0.0, 0.0, -1.0]))
         rot = self.p["rot_gain"] * tilt
@@ -94,7 +86,7 @@ class ScriptedExpert:
         p = self.p
         half = t.obj_half
         rim_z = s["bowl_p"][2] + t.bowl_base + t.bowl_height
-        tcp_yaw = float(np.arctan2(*_quat_to_matrix(s["tcp_q"])[[1, 0], 0]))
+        tcp_yaw = float(np.arctan2(*quat_wxyz_to_matrix(s["tcp_q"])[[1, 0], 0]))
         err = lambda target: np.abs(target - s["tcp_p"])  # noqa: E731
         tol = p["pos_tolerance"]
 

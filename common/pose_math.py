@@ -1,4 +1,4 @@
-"""Small rotation helpers for applying the twin's delta action to a measured pose.
+"""Rotation helpers shared by the twin's scripted expert and the real arm's delta action.
 
 The twin (ManiSkill's ``pd_ee_delta_pose``, frame ``root_translation:root_aligned_body_rotation``)
 reads an action as: new position = position + (dx, dy, dz) in the base frame; new orientation =
