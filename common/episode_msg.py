@@ -46,6 +46,7 @@ from typing import Optional
 
 import numpy as np
 
+from common.dataset_schema import ACTION_DIM, ACTION_KEY, IMAGE_KEY, STATE_DIM, STATE_KEY
 from common.protocol import Message
 
 EPISODE_KIND = "episode"
@@ -54,10 +55,6 @@ ACK_REPLY_KIND = "status"
 ACK_QUERY = "episode_ack"
 SCHEMA_VERSION = 1
 
-IMAGE_KEY = "observation.image"  # == common.twin.schema.IMAGE_KEY (kept here so the learner's
-STATE_KEY = "observation.state"  # decoder does not import the simulator)
-ACTION_KEY = "action"
-STATE_DIM, ACTION_DIM = 8, 7
 
 
 MAX_FRAMES = 100_000  # frames of one episode (10 Hz: close to three hours)

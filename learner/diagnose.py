@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from common.twin.schema import ACTION_NAMES
+from common.dataset_schema import ACTION_NAMES
 from learner.cotrain import sft_inputs
 
 GRIPPER = ACTION_NAMES.index("gripper")

@@ -14,10 +14,9 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from common.dataset_schema import ACTION_DIM, STATE_DIM
 from realrobot.device_config import DeviceConfig, load_backend
 
-ACTION_DIM = 7
-STATE_DIM = 8
 GRIPPER_INDEX = 6  # of the action
 
 

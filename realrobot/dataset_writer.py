@@ -47,7 +47,7 @@ class EpisodeBuffer:
 
 def dataset_features(image_hw: tuple[int, int]) -> dict:
     try:
-        from common.twin.schema import dataset_features as twin_features
+        from common.dataset_schema import dataset_features as twin_features
         return twin_features(image_hw, use_videos=False)
     except ImportError:  # the twin's schema module is the reference; this mirrors it
         h, w = image_hw

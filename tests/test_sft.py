@@ -31,7 +31,7 @@ def write_synthetic_dataset(root, repo_id: str, seed: int = 0):
     pooled statistics differ from either dataset's alone."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    from common.twin.schema import ACTION_KEY, IMAGE_KEY, STATE_KEY, dataset_features
+    from common.dataset_schema import ACTION_KEY, IMAGE_KEY, STATE_KEY, dataset_features
 
     rng = np.random.default_rng(seed)
     ds = LeRobotDataset.create(repo_id, fps=10, features=dataset_features((IMG, IMG)), root=root, use_videos=False)

@@ -133,7 +133,7 @@ def test_demo_workers_write_parts_with_sim_labels_that_match_the_simulator(demo_
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     from common.twin import make_env
-    from common.twin.schema import PRIVILEGED_KEY
+    from common.dataset_schema import PRIVILEGED_KEY
 
     parts = sorted(p.name for p in (demo_data / "twin").iterdir())
     assert parts == ["part_00", "part_01"]

@@ -3,7 +3,7 @@
 Importing this package registers the gymnasium id ``TandemPickPlace-v1``; the wrapper, expert and
 demo writer are imported on first use.
 """
-from common.twin.schema import ACTION_KEY, IMAGE_KEY, STATE_KEY
+from common.dataset_schema import ACTION_KEY, IMAGE_KEY, STATE_KEY
 from common.twin.task import TASK_ID, TandemPickPlaceEnv
 
 _LAZY = {"TwinEnv": "wrappers", "make_env": "wrappers", "ScriptedExpert": "expert",

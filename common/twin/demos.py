@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.twin.expert import ScriptedExpert
-from common.twin.schema import ACTION_KEY, IMAGE_KEY, PRIVILEGED_KEY, ROBOT_TYPE, STATE_KEY, dataset_features
+from common.dataset_schema import ACTION_KEY, IMAGE_KEY, PRIVILEGED_KEY, ROBOT_TYPE, STATE_KEY, dataset_features
 from common.twin.task import to_dict
 from common.twin.wrappers import make_env
 

@@ -14,11 +14,10 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from common.dataset_schema import ACTION_DIM, STATE_DIM
 from common.twin.task import TASK_ID, TandemPickPlaceEnv, to_dict
 
 OBS_MODES = ("rgb", "state")
-STATE_DIM = 8
-ACTION_DIM = 7
 # tcp position (m, generous workspace box), tcp quaternion wxyz, gripper opening (m)
 STATE_LOW = np.array([-2, -2, -2, -1, -1, -1, -1, -0.01], dtype=np.float32)
 STATE_HIGH = np.array([2, 2, 2, 1, 1, 1, 1, 0.1], dtype=np.float32)

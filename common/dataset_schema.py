@@ -1,4 +1,5 @@
-"""Feature names and shapes of the twin's LeRobot datasets (shared with the real-robot collector)."""
+"""Feature names and shapes of Tandem's LeRobot datasets: the twin's demos, the real collector's episodes
+and the learner's episode decoder (no simulator import)."""
 from __future__ import annotations
 
 IMAGE_KEY = "observation.image"
@@ -11,6 +12,8 @@ PRIVILEGED_NAMES = ["object_x", "object_y", "object_z", "bowl_x", "bowl_y", "bow
 STATE_NAMES = ["tcp_x", "tcp_y", "tcp_z", "tcp_qw", "tcp_qx", "tcp_qy", "tcp_qz", "gripper_opening"]
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
 ROBOT_TYPE = "franka_panda"
+STATE_DIM = len(STATE_NAMES)
+ACTION_DIM = len(ACTION_NAMES)
 
 
 def dataset_features(image_hw: tuple[int, int], use_videos: bool = False, privileged: bool = False) -> dict:
