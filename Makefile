@@ -32,7 +32,7 @@ bench-transport: install
 	$(PY) -m common.bench_transport
 
 bench-env: install
-	$(PY) benchmarks/bench_env.py
+	$(PY) -m benchmarks.bench_env
 
 bench-policy: install
 	$(PY) -m benchmarks.bench_policy --preset tiny --device cpu --threads 1

@@ -1,8 +1,8 @@
 """Data-parallel learner throughput: training samples/s with 1, 2, 4, 8 ranks (issue #11).
 
-    python benchmarks/bench_ddp.py --nproc 1 2 4 8 --preset base --device cuda     # a multi-GPU host
-    python benchmarks/bench_ddp.py --nproc 1 2 --preset tiny --device cpu          # CPU, gloo
-    python benchmarks/bench_ddp.py --nproc 1 2 4 8 --preset base --device cuda --strategy fsdp
+    python -m benchmarks.bench_ddp --nproc 1 2 4 8 --preset base --device cuda     # a multi-GPU host
+    python -m benchmarks.bench_ddp --nproc 1 2 --preset tiny --device cpu          # CPU, gloo
+    python -m benchmarks.bench_ddp --nproc 1 2 4 8 --preset base --device cuda --strategy fsdp
 
 Each row is one ``torchrun --standalone --nproc_per_node N`` run of the learner's own update path
 (``learner.distributed.DataParallelTrainer.lead``: rank 0 shards the global batch and the real
@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 
 def synthetic_batch(policy, num_segments: int, steps: int, image_size: int, device) -> dict:

@@ -1,6 +1,6 @@
 """Twin env throughput on this machine: single env, physx_cpu, control steps per second.
 
-  python benchmarks/bench_env.py [--env twin|real_proxy] [--steps 300 100 20] [--policy random|expert]
+  python -m benchmarks.bench_env [--env twin|real_proxy] [--steps 300 100 20] [--policy random|expert]
 
 Rows: obs_mode "state" (no rendering), RGB 128x128, RGB 640x480 (the RealSense-like default).
 Make+reset includes SAPIEN/renderer start-up (the first RGB env also compiles shaders).
@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common.config import load_config  # noqa: E402
-from common.twin import ScriptedExpert, make_env  # noqa: E402
+from common.config import load_config
+from common.twin import ScriptedExpert, make_env
 
 CASES = [("state", None), ("rgb", (128, 128)), ("rgb", (480, 640))]
 

@@ -12,7 +12,7 @@ protocol, real rings, no simulator), samples the learner's RSS and status every
 - lag stays bounded: no batch trains on a segment older than ``learner.max_policy_lag``,
 - no deadlock: the update count advances in every ``--stall-window`` and status always answers.
 
-    python benchmarks/bench_load.py --actors 16 --duration 180 --json runs/bench_load.json
+    python -m benchmarks.bench_load --actors 16 --duration 180 --json runs/bench_load.json
 """
 from __future__ import annotations
 
@@ -29,12 +29,11 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from common.channels import ControlClient  # noqa: E402
-from common.protocol import Message  # noqa: E402
-from common.shm_ring import list_rings  # noqa: E402
-from common.synthetic import DEFAULT_IMAGE_SIZE  # noqa: E402
+from common.channels import ControlClient
+from common.protocol import Message
+from common.shm_ring import list_rings
+from common.synthetic import DEFAULT_IMAGE_SIZE
 
 LEARNER_OVERRIDES = ["policy=tiny", "device=cpu", "actor.rollout_steps=2", f"env.image_size={DEFAULT_IMAGE_SIZE}", "learner.global_batch_size=2",
                      "learner.micro_batch_size=2", "learner.checkpoint_interval=1000000",

@@ -1,6 +1,6 @@
 """System benchmark (issue #6 part 5): is the learner keeping up with its actors?
 
-    python benchmarks/bench_system.py [--actors 2] [--duration 60] [--presets tiny base] [key=value ...]
+    python -m benchmarks.bench_system [--actors 2] [--duration 60] [--presets tiny base] [key=value ...]
 
 Three phases, each its own processes, exactly as a user starts them (``python -m actors.main``,
 ``python -m learner.main``) over ipc endpoints in a temporary directory; trailing ``key=value``
@@ -34,13 +34,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from common.channels import ControlClient, ControlServer, WeightPublisher, WeightSubscriber  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.protocol import Message  # noqa: E402
+from common.channels import ControlClient, ControlServer, WeightPublisher, WeightSubscriber
+from common.config import load_config
+from common.protocol import Message
 
 DEFAULT_OVERRIDES = ["env.image_size=64", "policy=tiny"]
 

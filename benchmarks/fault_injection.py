@@ -12,7 +12,7 @@ Processes (all on this host, ipc endpoints, real rings):
 - collector (``--role collector``): episodes through realrobot/outbox.py (disk first, push,
   episode_ack), the collector's real path, with contents derived from the episode id.
 
-    python benchmarks/fault_injection.py --cycles 20 --actors 4 --json runs/faults.json
+    python -m benchmarks.fault_injection --cycles 20 --actors 4 --json runs/faults.json
 """
 from __future__ import annotations
 
@@ -35,11 +35,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from common.channels import ControlClient  # noqa: E402
-from common.protocol import Message  # noqa: E402
-from common.synthetic import DEFAULT_IMAGE_SIZE, poll_until, spec_from_config  # noqa: E402
+from common.channels import ControlClient
+from common.protocol import Message
+from common.synthetic import DEFAULT_IMAGE_SIZE, poll_until, spec_from_config
 
 log = logging.getLogger("tandem.faults")
 
@@ -241,7 +240,7 @@ class Cluster:
         self.control = f"ipc://{work}/control.ipc"
 
     def command(self, name: str) -> list[str]:
-        me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(self.work)]
+        me = [sys.executable, "-m", "benchmarks.fault_injection", "--workdir", str(self.work)]
         if name == "learner":
             return [*me, "--role", "learner", "--update-delay", str(self.args.update_delay),
                     "--store-delay", str(self.args.store_delay)]

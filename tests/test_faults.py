@@ -2,13 +2,10 @@
 an actor once each at random moments; afterwards no batch held a corrupted segment, every
 committed real episode was stored exactly once and intact, and each restart recovered."""
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from fault_injection import orchestrate  # noqa: E402
+from benchmarks.fault_injection import orchestrate
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -29,7 +26,7 @@ def test_the_checks_catch_torn_segments_and_lost_or_duplicated_episodes(tmp_path
     one episode stored twice and one never stored is reported as such."""
     import json
 
-    from fault_injection import episode_arrays, verify
+    from benchmarks.fault_injection import episode_arrays, verify
 
     from common.episode_msg import ACTION_KEY, IMAGE_KEY, STATE_KEY, Episode
     from common.segment import SegmentSpec
