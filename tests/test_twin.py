@@ -2,6 +2,7 @@
 the scripted expert and the LeRobot dataset round trip. Small images and few steps (CPU)."""
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -40,7 +41,9 @@ def state_env():
 def test_gymnasium_env_checker(rgb_env):
     from gymnasium.utils.env_checker import check_env
 
-    check_env(rgb_env, skip_render_check=True)
+    with warnings.catch_warnings():  # the checker reports most problems as warnings, not errors
+        warnings.simplefilter("error", UserWarning)
+        check_env(rgb_env, skip_render_check=True)
 
 
 def test_spaces_and_shapes(rgb_env):
