@@ -54,7 +54,7 @@ WIRE_DTYPES = {"done": np.uint8, "success": np.uint8, "tokens": np.int32}
 
 
 def endpoints(work: Path) -> list[str]:
-    return [f"transport.{k}_endpoint=ipc://{work}/{k}.ipc" for k in ("data", "weights", "control")]
+    return [f"transport.{k}_endpoint=ipc://{work}/sockets/{k}.ipc" for k in ("data", "weights", "control")]  # sockets/: made 0700
 
 
 def load_cfg(work: Path, extra=()):
@@ -238,7 +238,7 @@ class Cluster:
         self.work, self.args = work, args
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-        self.control = f"ipc://{work}/control.ipc"
+        self.control = f"ipc://{work}/sockets/control.ipc"
 
     def command(self, name: str) -> list[str]:
         me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(self.work)]

@@ -492,7 +492,7 @@ class GoodStream(threading.Thread):
 
 
 def spawn_learner(workdir: Path, overrides: list[str]) -> tuple[subprocess.Popen, dict]:
-    eps = {k: f"ipc://{workdir}/{k}.ipc" for k in ("data", "weights", "control")}
+    eps = {k: f"ipc://{workdir}/sockets/{k}.ipc" for k in ("data", "weights", "control")}  # sockets/: made 0700
     args = [f"run_dir={workdir}/run", *LEARNER_OVERRIDES, *[f"transport.{k}_endpoint={v}" for k, v in eps.items()],
             *overrides]
     logf = open(workdir / "learner.log", "ab")

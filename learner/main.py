@@ -405,8 +405,9 @@ class Learner:
             signal.signal(sig, lambda *_: self.stop.set())
         self.ingest.start()
         self.publish()
-        log.info("learner up: session %s, version %d, device %s, data %s", self.session, self.version,
-                 self.device, self.cfg.transport.data_endpoint)
+        t = self.cfg.transport
+        log.info("learner up: session %s, version %d, device %s; data %s, weights %s, control %s", self.session,
+                 self.version, self.device, t.data_endpoint, t.weights_endpoint, t.control_endpoint)
         t_start = time.time()
         progress = _progress(lcfg.total_updates, self.counters.updates)
         try:
