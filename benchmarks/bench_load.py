@@ -26,11 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parent.parent
 
 from common.channels import ControlClient
+from common.procinfo import rss_mib
 from common.protocol import Message
 from common.shm_ring import list_rings
 from common.synthetic import DEFAULT_IMAGE_SIZE
@@ -39,7 +38,6 @@ LEARNER_OVERRIDES = ["policy=tiny", "device=cpu", "actor.rollout_steps=2", f"env
                      "learner.micro_batch_size=2", "learner.checkpoint_interval=1000000",
                      "learner.log_interval=100", "transport.heartbeat_interval_s=1.0"]
 STATUS_TIMEOUT_MS = 3000
-MIB = 2 ** 20
 
 
 def status(control: str) -> dict | None:
@@ -51,17 +49,10 @@ def status(control: str) -> dict | None:
         c.close()
 
 
-def rss_mib(pid: int) -> float:
-    try:
-        return psutil.Process(pid).memory_info().rss / MIB
-    except psutil.Error:
-        return float("nan")
-
-
 def run(args) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tandem_load_"))
     work.mkdir(parents=True, exist_ok=True)
-    eps = {k: f"ipc://{work}/{k}.ipc" for k in ("data", "weights", "control")}
+    eps = {k: f"ipc://{work}/sockets/{k}.ipc" for k in ("data", "weights", "control")}  # sockets/: made 0700
     common = [*LEARNER_OVERRIDES, *[f"transport.{k}_endpoint={v}" for k, v in eps.items()],
               f"learner.max_queued_segments={args.max_queued}", f"transport.ring.num_slots={args.ring_slots}",
               f"transport.ring.full_policy={args.full_policy}", *args.overrides]

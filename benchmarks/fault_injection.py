@@ -53,7 +53,7 @@ WIRE_DTYPES = {"done": np.uint8, "success": np.uint8, "tokens": np.int32}
 
 
 def endpoints(work: Path) -> list[str]:
-    return [f"transport.{k}_endpoint=ipc://{work}/{k}.ipc" for k in ("data", "weights", "control")]
+    return [f"transport.{k}_endpoint=ipc://{work}/sockets/{k}.ipc" for k in ("data", "weights", "control")]  # sockets/: made 0700
 
 
 def load_cfg(work: Path, extra=()):
@@ -237,7 +237,7 @@ class Cluster:
         self.work, self.args = work, args
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-        self.control = f"ipc://{work}/control.ipc"
+        self.control = f"ipc://{work}/sockets/control.ipc"
 
     def command(self, name: str) -> list[str]:
         me = [sys.executable, "-m", "benchmarks.fault_injection", "--workdir", str(self.work)]

@@ -23,12 +23,14 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 import zmq
 
+from common import local_ipc
 from common.protocol import (DropCounter, Limits, Message, ProtocolError, as_wire_array, cfg_get,
                              decode, encode)
 from common.security import ClientSecurity, SecurityConfig, ServerSecurity
@@ -85,11 +87,12 @@ def as_bind_endpoint(endpoint: str, bind_host: str | None = None) -> str:
 
 
 def bind_socket(sock: zmq.Socket, endpoint: str) -> str:
-    """Bind and return the endpoint actually bound ("tcp://127.0.0.1:*" picks a free port)."""
-    if endpoint.startswith("ipc://"):
-        parent = os.path.dirname(endpoint[len("ipc://"):])
-        if parent:
-            os.makedirs(parent, exist_ok=True)
+    """Bind and return the endpoint actually bound ("tcp://127.0.0.1:*" picks a free port). An ipc
+    path gets its missing directories with mode 0700, and a live listener there is refused."""
+    path = local_ipc.ipc_path(endpoint)
+    if path is not None and not path.startswith("@"):
+        local_ipc.make_private_dirs(Path(os.path.abspath(path)).parent)
+        local_ipc.check_unbound(endpoint)
     if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
         endpoint = endpoint[:-1] + "*"
     sock.bind(endpoint)
@@ -157,8 +160,14 @@ def check_server_security(cfg: Any) -> dict[str, bool]:
     SecurityConfigError) now if one of its three binds would be refused; else endpoint -> CURVE on."""
     t = transport_config(cfg)
     sec = SecurityConfig.from_config(t)
-    ends = [as_bind_endpoint(cfg_get(t, f"{k}_endpoint"), cfg_get(t, "bind_host")) for k in ("data", "weights", "control")]
-    return {e: sec.for_server(e) is not None for e in ends}
+    bind_host = cfg_get(t, "bind_host")
+    ends = {k: as_bind_endpoint(cfg_get(t, f"{k}_endpoint"), bind_host) for k in ("data", "weights", "control")}
+    for k, e in ends.items():
+        if bind_host and not e.startswith("tcp://"):
+            raise ValueError(f"transport.bind_host={bind_host!r} applies to tcp endpoints, but transport.{k}_endpoint "
+                             f"is {e} (this host only): for peers on other hosts set transport.{k}_endpoint="
+                             "tcp://<learner-host>:<port> on every process")
+    return {e: sec.for_server(e) is not None for e in ends.values()}
 
 
 def _client_security(t: Any, endpoint: str, kw: dict) -> ClientSecurity | None:

@@ -13,11 +13,14 @@ from typing import Callable, Sequence
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from common.local_ipc import register_resolver
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def load_config(config_name: str = "config", overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` with Hydra overrides such as ``learner.lr=1e-4``."""
+    register_resolver()  # transport.ipc_dir
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return compose(config_name=config_name, overrides=list(overrides))
 

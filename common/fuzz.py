@@ -8,7 +8,8 @@ learner's status (``dropped`` by reason) over the control channel and checks tha
 - every bad message was counted, under the reason the learner's own validation gives it
   (predicted here message by message by running the same checks: ``protocol.decode`` with the
   learner's limits, ``episode_msg.message_to_episode``, the ring attach of a notice),
-- the good stream still trains: the learner's update count advances.
+- the good stream still trains: the learner's update count advances,
+- and, given the learner's pid, reports its resident memory (RSS) before, during and after.
 
 Messages whose outcome cannot be predicted without touching the learner's state (a valid
 segment, a notice that would attach a real ring, a well-formed episode) are drawn again, so
@@ -46,6 +47,7 @@ from common.episode_msg import (ACTION_KEY, IMAGE_KEY, STATE_KEY, Episode, Episo
 from common.protocol import KINDS, PROTOCOL_VERSION, Limits, Message, ProtocolError, decode, encode
 from common.peer_meta import eval_report, sanitize_peer_meta
 from common.policy import make_policy
+from common.procinfo import rss_mib
 from common.segment import SegmentSpec, check_segment_values
 from common.shm_ring import RING_NAME, ShmRingReader, ShmRingWriter
 from common.synthetic import DEFAULT_IMAGE_SIZE, SyntheticActor, poll_until, spec_from_config
@@ -67,6 +69,7 @@ BAD_DTYPES = [">f4", ">i8", "|O", "<c8", "<U4", "|V8", "<M8[s]", "float32", "", 
 BAD_VERSIONS = [0, 2, PROTOCOL_VERSION + 1, -1, 2 ** 63 - 1, "1", 1.0, True, None]
 MAX_RANDOM_BYTES = 512
 SEQ_NEVER_USED = 2 ** 40  # bad notices on the live ring use sequence numbers above this
+RSS_SAMPLES = 4  # the learner's RSS is read before the fuzz, after each quarter of it, and at the end
 
 
 @dataclass
@@ -82,6 +85,7 @@ class FuzzReport:
     good_segments_sent: int = 0
     learner_alive: bool = True
     duration_s: float = 0.0
+    rss_samples: list = field(default_factory=list)           # [messages sent, learner RSS in MiB]
 
     @property
     def mismatches(self) -> dict:
@@ -98,7 +102,15 @@ class FuzzReport:
                 "by_generator": dict(self.by_generator), "protocol_reasons": dict(self.local_reasons),
                 "expected": dict(self.expected), "observed": self.observed, "mismatches": self.mismatches,
                 "updates_before": self.updates_before, "updates_after": self.updates_after,
-                "good_segments_sent": self.good_segments_sent, "learner_alive": self.learner_alive}
+                "good_segments_sent": self.good_segments_sent, "learner_alive": self.learner_alive,
+                "learner_rss_mib": self.rss_summary()}
+
+    def rss_summary(self) -> dict | None:
+        if not self.rss_samples:
+            return None
+        values = [v for _, v in self.rss_samples]
+        return {"start": values[0], "end": values[-1], "max": max(values), "growth": round(values[-1] - values[0], 1),
+                "samples": self.rss_samples}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,7 +504,7 @@ class GoodStream(threading.Thread):
 
 
 def spawn_learner(workdir: Path, overrides: list[str]) -> tuple[subprocess.Popen, dict]:
-    eps = {k: f"ipc://{workdir}/{k}.ipc" for k in ("data", "weights", "control")}
+    eps = {k: f"ipc://{workdir}/sockets/{k}.ipc" for k in ("data", "weights", "control")}  # sockets/: made 0700
     args = [f"run_dir={workdir}/run", *LEARNER_OVERRIDES, *[f"transport.{k}_endpoint={v}" for k, v in eps.items()],
             *overrides]
     logf = open(workdir / "learner.log", "ab")
@@ -505,11 +517,16 @@ def spawn_learner(workdir: Path, overrides: list[str]) -> tuple[subprocess.Popen
 
 def run_fuzz(messages: int, cfg, data_endpoint: str, control_endpoint: str, seed: int = 0,
              good_rate: float = 20.0, settle_timeout_s: float = 30.0, alive: Callable[[], bool] = lambda: True,
-             progress: bool = False) -> FuzzReport:
+             progress: bool = False, learner_pid: int | None = None) -> FuzzReport:
     rng = np.random.default_rng(seed)
     limits = Limits.from_config(cfg.transport)
     report = FuzzReport()
     spec = spec_from_config(cfg)
+    rss_every = max(1, messages // RSS_SAMPLES)
+
+    def sample_rss():
+        if learner_pid is not None:
+            report.rss_samples.append([report.sent, round(rss_mib(learner_pid), 1)])
 
     good = GoodStream(cfg, good_rate)
     good.start()
@@ -534,6 +551,7 @@ def run_fuzz(messages: int, cfg, data_endpoint: str, control_endpoint: str, seed
         predictor = Predictor(limits, {good.actor.ring.name}, spec, episode_spec=expected_episode_spec(cfg),
                               vocab_size=vocab_size)
         gens = Generators(rng, spec, limits, good.actor.ring.name, decoy.name, not_a_ring.name, vocab_size)
+        sample_rss()
         while report.sent < messages:
             name, channel, frames = gens.draw()
             outcome = (predictor.data if channel == "data" else predictor.control)(frames)
@@ -548,6 +566,8 @@ def run_fuzz(messages: int, cfg, data_endpoint: str, control_endpoint: str, seed
             report.expected.update(deltas)
             if progress and report.sent % 1000 == 0:
                 print(f"  sent {report.sent}/{messages}", flush=True)
+            if report.sent % rss_every == 0:
+                sample_rss()
             if report.sent % 500 == 0 and not alive():
                 break
 
@@ -567,6 +587,7 @@ def run_fuzz(messages: int, cfg, data_endpoint: str, control_endpoint: str, seed
         after = poll_until(lambda: (r := learner_status(control_endpoint)) and r.meta["updates"] > (
             last.meta["updates"] if last else report.updates_before) and r, 60)
         final = after or last
+        sample_rss()  # after the learner has handled every message
         report.learner_alive = alive() and final is not None
         if final is not None:
             d = final.meta["dropped"]
@@ -595,6 +616,7 @@ def main(argv=None) -> int:
     ap.add_argument("--good-rate", type=float, default=20.0, help="valid segments per second beside the fuzz")
     ap.add_argument("--data-endpoint", help="fuzz a running learner (else one is spawned on ipc)")
     ap.add_argument("--control-endpoint")
+    ap.add_argument("--learner-pid", type=int, help="a running learner's pid on this host, to report its RSS")
     ap.add_argument("--workdir", help="for a spawned learner (default: a temporary directory)")
     ap.add_argument("--json", help="write the report here")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides (a spawned learner gets them too)")
@@ -615,7 +637,8 @@ def main(argv=None) -> int:
     cfg = load_config("config", overrides)
     try:
         report = run_fuzz(args.messages, cfg, eps["data"], eps["control"], seed=args.seed, good_rate=args.good_rate,
-                          alive=(lambda: proc.poll() is None) if proc else (lambda: True), progress=True)
+                          alive=(lambda: proc.poll() is None) if proc else (lambda: True), progress=True,
+                          learner_pid=proc.pid if proc else args.learner_pid)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

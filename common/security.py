@@ -11,7 +11,10 @@ data, nor receive weights, nor query status; its connection attempts never reach
     false  plain sockets (NULL mechanism)
     true   CURVE on every socket, loopback and ipc included (keys required)
     auto   CURVE where a socket binds or connects a non-loopback TCP address; plain on ipc and
-           loopback. The embedded one-host default therefore needs no keys.
+           loopback. The one-host default (ipc in a 0700 directory, common/local_ipc.py) therefore
+           needs no keys. A plain ipc endpoint that another local user could reach is refused like
+           a public bind without keys; plain loopback TCP is accepted with a warning (every local
+           user can connect to it).
 
 A learner whose ``auto`` resolves to CURVE but which has no keys refuses to start
 (``InsecureTransportError``) unless ``allow_insecure_public: true`` says so explicitly.
@@ -34,6 +37,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from common import local_ipc
 from common.protocol import cfg_get
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,7 @@ AUTHORIZED_SUBDIR = "authorized_clients"  # <client>.key public keys the learner
 PEERS_SUBDIR = "peers"              # <client>.key + <client>.key_secret, one pair per peer
 DEFAULT_CLIENT_NAME = "peer"
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
+_warned_loopback: set[str] = set()  # each plain loopback bind is warned about once per process
 
 
 class InsecureTransportError(RuntimeError):
@@ -140,6 +145,7 @@ class SecurityConfig:
         Raises InsecureTransportError for a public bind without keys (``auto``) unless
         ``allow_insecure_public``; SecurityConfigError when CURVE is required but keys are missing."""
         if not self.wanted(bind_endpoint):
+            self._check_plain_local(bind_endpoint)
             return None
         if not self.server_keys_present():
             if self.enabled == "auto":
@@ -156,9 +162,30 @@ class SecurityConfig:
                 f"or the authorised clients directory ({self.authorized_clients_dir}) is missing")
         return ServerSecurity.load(self.server_secret_key, self.authorized_clients_dir)
 
+    def _check_plain_local(self, endpoint: str, server: bool = True) -> None:
+        """``auto`` on a plain local endpoint: refuse an ipc socket that another local user could reach
+        (unless ``allow_insecure_public``); warn on loopback TCP (learner side)."""
+        if self.enabled != "auto":
+            return
+        problem = local_ipc.exposure(endpoint)
+        if problem is None:
+            if server and endpoint.startswith("tcp://") and endpoint not in _warned_loopback:
+                _warned_loopback.add(endpoint)
+                log.warning("%s is plain TCP on loopback: every local user of this host can connect (pull "
+                            "weights, push data); the default ipc endpoints or CURVE prevent that", endpoint)
+            return
+        if self.allow_insecure_public:
+            log.warning("%s WITHOUT authentication: %s (transport.security.allow_insecure_public=true)", endpoint, problem)
+            return
+        raise InsecureTransportError(
+            f"refusing plain {endpoint}: {problem}. Use the default transport.ipc_dir, a directory of yours with "
+            "mode 0700 (chmod 700), or CURVE (transport.security.enabled=true with keys); "
+            "transport.security.allow_insecure_public=true accepts it")
+
     def for_client(self, connect_endpoint: str) -> "ClientSecurity | None":
         """The CURVE client setup for a peer socket connecting ``connect_endpoint``, or None."""
         if not self.wanted(connect_endpoint):
+            self._check_plain_local(connect_endpoint, server=False)
             return None
         if not self.client_keys_present():
             if self.enabled == "auto" and self.allow_insecure_public:

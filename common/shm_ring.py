@@ -621,9 +621,14 @@ def _writer_of(name: str, prefix: str) -> tuple[int, float]:
 
 
 def reap_dead_rings(prefix: str = RING_PREFIX) -> list[str]:
-    """Unlink every ring with ``prefix`` whose writer process is gone; returns their names."""
+    """Unlink every ring of this user with ``prefix`` whose writer process is gone; returns their names."""
     reaped = []
     for name in list_rings(prefix):
+        try:
+            if os.stat(os.path.join(SHM_DIR, name)).st_uid != os.getuid():
+                continue  # another user's run on this host: not ours to open or unlink
+        except FileNotFoundError:
+            continue
         pid, start_time = _writer_of(name, prefix)
         if pid == -1 or pid_alive(pid, start_time):
             continue

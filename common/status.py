@@ -29,7 +29,9 @@ def status(cfg: DictConfig) -> int:
     finally:
         client.close()
     if reply is None:
-        print(f"no answer from the learner at {cfg.transport.control_endpoint}", file=sys.stderr)
+        hint = (f" (the default endpoints follow run_dir, here {cfg.run_dir}: pass the learner's run_dir=...)"
+                if cfg.transport.control_endpoint.startswith(f"ipc://{cfg.transport.ipc_dir}/") else "")
+        print(f"no answer from the learner at {cfg.transport.control_endpoint}{hint}", file=sys.stderr)
         return 1
     s = reply.meta if isinstance(reply.meta, dict) else {}
     print(f"learner  version {_text(reply.policy_version)}  updates {_text(s.get('updates'))}  "

@@ -121,6 +121,13 @@ def split_segments(batch: dict, micro_batch_size: int) -> list[dict]:
     return parts
 
 
+def step_is_finite(grad_norm: torch.Tensor, epoch_stats: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Whether an optimiser step's gradient norm and every micro-batch's total loss are finite
+    (a boolean tensor on their device: one sync when read)."""
+    values = [grad_norm.float().reshape(1), *(s["actor/total_loss"].float().reshape(1) for s in epoch_stats)]
+    return torch.isfinite(torch.cat(values)).all()
+
+
 def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
                real_replay=None, rng: Optional[np.random.Generator] = None, critic_only: bool = False) -> dict[str, float]:
     """``cfg.update_epoch`` optimiser steps on one sim batch. Each step accumulates gradients over
@@ -159,7 +166,7 @@ def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
                 optimizer.zero_grad(set_to_none=True)
                 break
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).detach()
-        if not torch.isfinite(grad_norm):  # a non-finite loss or gradient: no step, the weights stay finite
+        if not bool(step_is_finite(grad_norm, per_micro[first_micro:])):  # no step: the weights stay finite
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
             continue

@@ -15,6 +15,8 @@ Design (rank 0 leads, the others follow):
   co-training loss per micro-batch, DDP averages the gradients (all-reduce in the backward of
   each epoch's last micro-batch), then the same clip and optimiser step on identical gradients,
   so the replicas stay identical without any weight broadcast between ranks.
+- an optimiser step whose loss or gradient norm is not finite on any rank is skipped on every
+  rank (an all-reduced flag) and counted (``train/skipped_nonfinite_steps``), as on one process.
 - the logged statistics are reduced over ranks (means; max/min for the importance-ratio extremes),
   so rank 0 logs the global batch's values under the usual names.
 
@@ -55,7 +57,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from learner.cotrain import MAX_REDUCED, MIN_REDUCED, cotrain_loss, loss_ratio, make_optimizer, reduce_stats, \
-    split_segments
+    split_segments, step_is_finite
 
 log = logging.getLogger("tandem.learner.distributed")
 
@@ -181,9 +183,10 @@ def data_parallel_train_step(model: torch.nn.Module, policy: torch.nn.Module, op
     co_train = real_batches is not None
     cfg = OmegaConf.merge(rank_cfg, {"use_real_data_co_training": co_train})
     policy.train()
-    per_micro, weights, grad_norms, real_samples = [], [], [], 0
+    per_micro, weights, grad_norms, real_samples, skipped = [], [], [], 0, 0
     for epoch in range(cfg.update_epoch):
         optimizer.zero_grad(set_to_none=True)
+        first_micro = len(per_micro)
         for i, micro in enumerate(micro_batches):
             share = micro["reward"].shape[1] / num_segments
             real_batch = real_batches[epoch][i] if co_train else None
@@ -195,16 +198,33 @@ def data_parallel_train_step(model: torch.nn.Module, policy: torch.nn.Module, op
             per_micro.append(stats)
             weights.append(share)
         norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).detach()
-        grad_norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # fsdp: a DTensor
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # fsdp: a DTensor
+        # every rank must decide alike or the replicas diverge: a non-finite loss or gradient on
+        # any rank skips the step on all of them (as cotrain.train_step does on one)
+        if any_rank(not bool(step_is_finite(norm, per_micro[first_micro:])), group):
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
+        grad_norms.append(norm)
         optimizer.step()
     local = reduce_stats(per_micro, weights, cfg)
     stats = reduce_over_ranks(local, cfg, group)
-    stats["train/grad_norm"] = float(torch.stack(grad_norms).float().mean())  # identical gradients on every rank
+    # identical gradients on every rank
+    stats["train/grad_norm"] = float(torch.stack(grad_norms).float().mean()) if grad_norms else float("nan")
+    stats["train/epochs_done"] = float(cfg.update_epoch - skipped)
+    stats["train/skipped_nonfinite_steps"] = float(skipped)
     stats["train/lr"] = float(optimizer.param_groups[0]["lr"])
     counts = torch.tensor([float(real_samples)])
     dist.all_reduce(counts, group=group)
     stats["train/real_samples"] = float(counts.item())
     return stats
+
+
+def any_rank(flag: bool, group: dist.ProcessGroup) -> bool:
+    """Whether ``flag`` is true on at least one rank of ``group`` (the same answer on every rank)."""
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def reduce_over_ranks(local: dict[str, float], cfg, group: dist.ProcessGroup) -> dict[str, float]:

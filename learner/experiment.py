@@ -4,7 +4,7 @@
     tandem-experiment size=gpu        # one-GPU scale (configs/size/gpu.yaml)
 
 Per seed, Stage II runs with co-training (``use_real_data_co_training=true``) and as plain PPO
-(``false``), ``experiment.concurrent`` runs at a time (each its own tandem-run on its own ports).
+(``false``), ``experiment.concurrent`` runs at a time (each its own tandem-run on its own sockets).
 Every condition, Stage I's policy included, is then scored by one parallel deterministic
 evaluation (``tandem-eval``'s workers) on the same held-out episode seeds of the twin and the real
 proxy: the final policy of each run on ``eval_episodes``, its intermediate checkpoints on the
@@ -64,13 +64,6 @@ def stage2_runs(cfg: DictConfig, pipe: Pipeline) -> dict[tuple[str, int], Path]:
             for seed in cfg.experiment.seeds for cond in cfg.experiment.conditions if cond != "sft"}
 
 
-def port_overrides(slot: int, base_port: int) -> list[str]:
-    """Distinct loopback ports per concurrent tandem-run."""
-    ports = [base_port + 3 * slot + i for i in range(3)]
-    return [f"transport.{name}_endpoint=tcp://127.0.0.1:{port}"
-            for name, port in zip(("data", "weights", "control"), ports)]
-
-
 def needs_stage2(run_dir: Path, target_updates: int, continue_runs: bool) -> bool:
     """A run without a summary has not run (or died); one that stopped short of ``target_updates``
     (its time limit) is continued only when asked, since continuing changes its result."""
@@ -89,10 +82,10 @@ def run_stage2_all(cfg: DictConfig, pipe: Pipeline, runs: dict[tuple[str, int], 
     for start in range(0, len(todo), concurrent):
         group, procs, t0 = todo[start:start + concurrent], [], time.time()
         print(f"\n=== Stage II: {', '.join(f'{c} seed {s}' for (c, s), _ in group)} at once", flush=True)
-        for slot, ((cond, seed), run_dir) in enumerate(group):
+        for (cond, seed), run_dir in group:
             run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = pipe.stage2_command(run_dir, [f"seed={seed}", *STAGE2[cond],
-                                                *port_overrides(slot, int(cfg.experiment.base_port))])
+            # each run_dir has its own private ipc socket directory (transport.ipc_dir)
+            cmd = pipe.stage2_command(run_dir, [f"seed={seed}", *STAGE2[cond]])
             print("$", " ".join(cmd), flush=True)
             log = open(run_dir.with_suffix(".log"), "a")
             procs.append((cond, seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))

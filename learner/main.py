@@ -45,6 +45,7 @@ from learner.real_replay import RealReplay
 log = logging.getLogger("tandem.learner")
 MAX_PEER_NAME = 64  # characters of a peer's self-chosen name kept in the peer table and logs
 MAX_REMEMBERED_REJECTIONS = 10_000  # refused episode ids answered in ack replies (oldest forgotten)
+MAX_GONE_NAMED = 5  # peers named in one "marked gone" line
 
 
 class Ingest(threading.Thread):
@@ -151,9 +152,13 @@ class Ingest(threading.Thread):
 
     def reap(self):
         now = time.time()
-        for name in [n for n, p in self.peers.items() if now - p["last_seen"] > self.peer_timeout_s]:
-            log.warning("peer %s silent for %.0fs: marked gone", name, now - self.peers[name]["last_seen"])
+        gone = [n for n, p in self.peers.items() if now - p["last_seen"] > self.peer_timeout_s]
+        for name in gone:
             self.peers.pop(name)
+        if gone:  # one line per reap, rate-limited: a flood of one-off hellos must not fill the log
+            more = f" and {len(gone) - MAX_GONE_NAMED} more" if len(gone) > MAX_GONE_NAMED else ""
+            self.drop_log.warn(f"peers silent for over {self.peer_timeout_s:.0f}s, marked gone: "
+                               f"{', '.join(map(repr, gone[:MAX_GONE_NAMED]))}{more}", key="peer_gone")
         for name in [n for n, r in self.rings.items() if not r.owner_alive()]:
             log.warning("ring %s: its writer died; unlinking it", name)
             reader = self.rings.pop(name)
@@ -405,8 +410,9 @@ class Learner:
             signal.signal(sig, lambda *_: self.stop.set())
         self.ingest.start()
         self.publish()
-        log.info("learner up: session %s, version %d, device %s, data %s", self.session, self.version,
-                 self.device, self.cfg.transport.data_endpoint)
+        t = self.cfg.transport
+        log.info("learner up: session %s, version %d, device %s; data %s, weights %s, control %s", self.session,
+                 self.version, self.device, t.data_endpoint, t.weights_endpoint, t.control_endpoint)
         t_start = time.time()
         progress = _progress(lcfg.total_updates, self.counters.updates)
         try:

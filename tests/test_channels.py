@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from common.channels import (ControlClient, ControlServer, DataReceiver, DataSender, SocketOptions,
                              WeightPublisher, WeightSubscriber, as_bind_endpoint, weights_digest)
+from common.config import load_config
 from common.protocol import Limits, Message, encode
 
 pytestmark = pytest.mark.timeout(30)
@@ -253,10 +254,10 @@ def test_channels_from_transport_config():
         assert wait_for_subscription(pub, sub).policy_version == 0
 
 
-def test_transport_config_is_distinct_loopback_ports():
-    cfg = OmegaConf.load(TRANSPORT_YAML)
+def test_transport_config_is_distinct_ipc_sockets_of_one_directory():
+    cfg = load_config("config").transport  # the endpoints follow run_dir (tests/test_local_ipc.py)
     endpoints = [cfg.data_endpoint, cfg.weights_endpoint, cfg.control_endpoint]
-    assert len(set(endpoints)) == 3 and all(e.startswith("tcp://127.0.0.1:") for e in endpoints)
+    assert len(set(endpoints)) == 3 and all(e.startswith(f"ipc://{cfg.ipc_dir}/") for e in endpoints)
     assert cfg.ring.full_policy in ("wait", "drop") and cfg.use_shm is True
 
 

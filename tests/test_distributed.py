@@ -151,6 +151,47 @@ def test_two_ranks_update_like_one_process(tmp_path, strategy, co_train):
         assert "train/sft_loss" not in got
 
 
+def _rank_with_nan_on_rank1(rank, world_size, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = load_config("config", OVERRIDES)
+    ctx = distributed.init(cfg.learner.distributed, "cpu")
+    try:
+        agree = [distributed.any_rank(rank == 1, ctx.data_group), distributed.any_rank(False, ctx.data_group)]
+        policy = new_policy(cfg)
+        trainer = distributed.DataParallelTrainer(policy, optimizer_for, cfg.learner, ctx)
+        if rank == 0:
+            poisoned = sim_batch(policy)
+            poisoned["reward"][0, -1] = float("nan")  # the last segment: in rank 1's shard only
+            stats = [trainer.lead(poisoned, False), trainer.lead(sim_batch(policy), False)]
+            trainer.stop_followers()
+        else:
+            stats = trainer.follow()
+        torch.save({"weights": policy.state_dict(), "stats": stats, "agree": agree}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    mp.spawn(_rank_with_nan_on_rank1, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["agree"] for r in ranks] == [[True, False], [True, False]]
+    poisoned, clean = ranks[0]["stats"]
+    assert poisoned["train/skipped_nonfinite_steps"] == 2 and poisoned["train/epochs_done"] == 0  # both epochs
+    assert clean["train/skipped_nonfinite_steps"] == 0 and clean["train/epochs_done"] == 2
+    assert ranks[1]["stats"] == 2  # the follower took part in both updates
+    # the skipped update left no trace: the weights are those of the clean update alone, on both ranks
+    policy, _ = reference(co_train=False, micro_batch_size=SEGMENTS // 2)
+    parameters = {n for n, _ in policy.named_parameters()}  # buffers: normaliser bounds may be inf by design
+    for name, want in policy.state_dict().items():
+        for r in (0, 1):
+            got = ranks[r]["weights"][name]
+            assert name not in parameters or torch.isfinite(got).all(), (r, name)
+            torch.testing.assert_close(got, want, atol=WEIGHT_ATOL, rtol=0, msg=f"rank {r}: {name}")
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name
+
+
 def test_shards_and_real_samples_per_rank():
     lcfg = load_config("config", OVERRIDES + ["learner.global_batch_size=8", "learner.micro_batch_size=3",
                                               "learner.real_batch_size=6"]).learner

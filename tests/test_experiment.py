@@ -1,7 +1,8 @@
-"""tandem-experiment's bookkeeping: curve points from a run's checkpoints, distinct ports per
+"""tandem-experiment's bookkeeping: curve points from a run's checkpoints, distinct sockets per
 concurrent run, the issue's targets judged per seed, curve points scored on one seed set, and
 which runs a re-run continues."""
 import json
+import types
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from common.config import load_config
 from common.policy import make_policy
 from learner.checkpoint import LearnerCounters, save_checkpoint
-from learner.experiment import check_targets, needs_stage2, paired_change, port_overrides, run_points, success_on
+from learner.experiment import check_targets, needs_stage2, paired_change, run_points, stage2_runs, success_on
 
 
 def test_curve_points_count_env_steps_from_the_checkpoints(tmp_path):
@@ -23,9 +24,13 @@ def test_curve_points_count_env_steps_from_the_checkpoints(tmp_path):
     assert points[-1]["policy"].endswith("ckpt-0000000030/policy")
 
 
-def test_concurrent_runs_get_disjoint_ports():
-    ports = [o.rsplit(":", 1)[1] for slot in range(3) for o in port_overrides(slot, 5800)]
-    assert len(set(ports)) == 9
+def test_concurrent_runs_get_disjoint_sockets(tmp_path):
+    cfg = load_config("cotrain_experiment", ["experiment.seeds=[0,1]"])
+    runs = stage2_runs(cfg, types.SimpleNamespace(run=tmp_path))
+    assert len(runs) == 4
+    endpoints = {getattr(load_config("config", [f"run_dir={d}"]).transport, f"{k}_endpoint")
+                 for d in runs.values() for k in ("data", "weights", "control")}
+    assert len(endpoints) == 12 and all(e.startswith("ipc://") for e in endpoints)
 
 
 def test_targets_are_judged_per_seed():

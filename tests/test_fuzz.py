@@ -1,13 +1,17 @@
 """A bounded fuzz of a live learner process (ipc): it stays up, counts every bad message under the
 reason its validation gives, and keeps training on a valid segment stream sent beside the fuzz.
 The long run (>= 10,000 messages) is `python -m common.fuzz --messages 10000`."""
+import math
+import os
 import signal
 import subprocess
+import sys
 
 import pytest
 
 from common.config import load_config
 from common.fuzz import LEARNER_OVERRIDES, run_fuzz, spawn_learner
+from common.procinfo import rss_mib
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,7 +27,8 @@ def test_learner_survives_fuzz_and_counts_every_bad_message(tmp_path):
     proc, eps = spawn_learner(tmp_path, [])
     try:
         cfg = load_config("config", [*LEARNER_OVERRIDES, *[f"transport.{k}_endpoint={v}" for k, v in eps.items()]])
-        report = run_fuzz(MESSAGES, cfg, eps["data"], eps["control"], seed=1, alive=lambda: proc.poll() is None)
+        report = run_fuzz(MESSAGES, cfg, eps["data"], eps["control"], seed=1, alive=lambda: proc.poll() is None,
+                          learner_pid=proc.pid)
         assert proc.poll() is None, (tmp_path / "learner.log").read_text()[-3000:]
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -50,3 +55,14 @@ def test_learner_survives_fuzz_and_counts_every_bad_message(tmp_path):
         assert sum(v for k, v in report.expected.items() if k.startswith(channel + "/")) == report.expected[channel]
     assert report.updates_after > report.updates_before, "the valid stream stopped training"
     assert report.good_segments_sent > 0
+    rss = r["learner_rss_mib"]  # before, after each quarter, after the learner handled everything
+    assert [sent for sent, _ in rss["samples"]] == [0, 500, 1000, 1500, 2000, 2000], rss
+    assert all(100 < mib < 10_000 for _, mib in rss["samples"]), rss
+
+
+def test_rss_from_proc_when_psutil_is_missing(monkeypatch):
+    with_psutil = rss_mib(os.getpid())
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
+    from_proc = rss_mib(os.getpid())
+    assert from_proc == pytest.approx(with_psutil, rel=0.2) and from_proc > 10
+    assert math.isnan(rss_mib(2 ** 22 + 7))  # no such process

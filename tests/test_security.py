@@ -57,9 +57,9 @@ def test_endpoint_locality():
         assert not endpoint_is_local(e), e
 
 
-def test_auto_is_off_on_loopback_and_refuses_a_public_bind_without_keys(keys):
+def test_auto_is_off_on_loopback_and_refuses_a_public_bind_without_keys(keys, tmp_path):
     auto = SecurityConfig.from_config({"security": {"enabled": "auto"}})
-    assert auto.for_server("tcp://127.0.0.1:5755") is None and auto.for_server("ipc:///tmp/a") is None
+    assert auto.for_server("tcp://127.0.0.1:5755") is None and auto.for_server(f"ipc://{tmp_path}/a") is None
     with pytest.raises(InsecureTransportError):
         auto.for_server("tcp://*:5755")
     with pytest.raises(SecurityConfigError):  # a peer pointed at another host needs keys too
@@ -157,7 +157,9 @@ def test_from_config_secures_ipc_when_enabled(keys, tmp_path):
 
 def test_learner_refuses_public_bind_without_keys(tmp_path):
     # check_server_security runs first in Learner.__init__: nothing is bound, nothing loaded.
-    p = subprocess.run([sys.executable, "-m", "learner.main", f"run_dir={tmp_path}", "device=cpu",
+    tcp = [f"transport.{k}_endpoint=tcp://learner-host:{port}" for k, port in (("data", 5755), ("weights", 5756),
+                                                                                 ("control", 5757))]
+    p = subprocess.run([sys.executable, "-m", "learner.main", f"run_dir={tmp_path}", "device=cpu", *tcp,
                         "transport.bind_host=*"], cwd=ROOT, capture_output=True, text=True, timeout=50,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode != 0

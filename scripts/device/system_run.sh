@@ -2,8 +2,9 @@
 # scripts/device/system_run.sh OUTDIR [SECONDS=150] [key=value ...]   (ON THE GPU MACHINE, via run.sh)
 # The real process layout on one GPU: `tandem-run` with a learner and one actor whose
 # `actor.num_envs` env processes are served by the batched inference server (CUDA graphs), PPO only
-# (no real data, so no lerobot), base VLA, 128x128 RGB. Learner and actor talk over ipc ZeroMQ and
-# the shared-memory ring. Writes OUTDIR/summary.json (the learner's) and OUTDIR/system_log.txt.
+# (no real data, so no lerobot), base VLA, 128x128 RGB. Learner and actor talk over ipc ZeroMQ (the
+# default private sockets of run_dir) and the shared-memory ring. Writes OUTDIR/summary.json (the
+# learner's) and OUTDIR/system_log.txt.
 set -uo pipefail
 OUTDIR=${1:?usage: system_run.sh OUTDIR [SECONDS] [overrides]}; shift
 SECS=${1:-150}; [ $# -gt 0 ] && shift
@@ -12,8 +13,7 @@ python3 -m common.launch launch.num_actors=1 launch.eval_actors=false device=cud
   policy=base env.image_size=128 actor.inference=server actor.num_envs=16 actor.server.cuda_graphs=true \
   learner.use_real_data_co_training=false learner.live_dataset.root=null learner.max_duration_s="$SECS" \
   learner.global_batch_size=16 learner.micro_batch_size=16 learner.checkpoint_interval=100000 \
-  run_dir="$RUN" transport.data_endpoint=ipc://$RUN/data.ipc transport.weights_endpoint=ipc://$RUN/weights.ipc \
-  transport.control_endpoint=ipc://$RUN/control.ipc "$@" > "$OUTDIR/system_log.txt" 2>&1
+  run_dir="$RUN" "$@" > "$OUTDIR/system_log.txt" 2>&1
 rc=$?
 cp "$RUN/summary.json" "$OUTDIR/" 2>/dev/null
 grep -v "Warning\|learner updates:" "$OUTDIR/system_log.txt" | tail -25
