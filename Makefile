@@ -29,7 +29,7 @@ run: install
 	$(VENV)/bin/tandem-pipeline $(ARGS)
 
 bench-transport: install
-	$(PY) -m common.bench_transport
+	$(PY) -m benchmarks.bench_transport
 
 bench-env: install
 	$(PY) -m benchmarks.bench_env

@@ -181,7 +181,7 @@ def phase_lockstep(args, cfg, policy, mon, results):
 
 
 def synthetic_segments(spec, n, seed=0):
-    from common.synthetic import fill_segment
+    from tools.synthetic import fill_segment
 
     out = []
     for i in range(n):

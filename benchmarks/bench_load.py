@@ -1,7 +1,7 @@
 """Load: many synthetic actors against one slow learner; memory, lag and liveness over time.
 
 Starts the real learner (learner.main, tiny policy on the CPU: slow by construction next to the
-actors' offered load) and ``--actors`` synthetic actor processes (common/synthetic.py: real
+actors' offered load) and ``--actors`` synthetic actor processes (tools/synthetic.py: real
 protocol, real rings, no simulator), samples the learner's RSS and status every
 ``--sample-interval`` seconds for ``--duration`` seconds, and checks:
 
@@ -32,7 +32,7 @@ from common.channels import ControlClient
 from common.procinfo import rss_mib
 from common.protocol import Message
 from common.shm_ring import list_rings
-from common.synthetic import DEFAULT_IMAGE_SIZE
+from tools.synthetic import DEFAULT_IMAGE_SIZE
 
 LEARNER_OVERRIDES = ["policy=tiny", "device=cpu", "actor.rollout_steps=2", f"env.image_size={DEFAULT_IMAGE_SIZE}", "learner.global_batch_size=2",
                      "learner.micro_batch_size=2", "learner.checkpoint_interval=1000000",
@@ -67,7 +67,7 @@ def run(args) -> dict:
     start("learner", [sys.executable, "-m", "learner.main", f"run_dir={work}/run", *common])
     inline = set(range(int(round(args.actors * args.inline_fraction))))
     for i in range(args.actors):
-        start(f"actor-{i}", [sys.executable, "-m", "common.synthetic", "--actor", str(i), "--rate", str(args.rate),
+        start(f"actor-{i}", [sys.executable, "-m", "tools.synthetic", "--actor", str(i), "--rate", str(args.rate),
                              *(["--inline"] if i in inline else []), *common])
     samples, problems = [], []
     try:

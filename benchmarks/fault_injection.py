@@ -6,9 +6,9 @@ Processes (all on this host, ipc endpoints, real rings):
 - learner: the real ingest of learner/main.py (``Ingest``: data and control sockets, ring
   attach/take/reap, episode decode, episode_ack) and the real ``Batcher``, under a checking
   stand-in for the training step (``--role learner``): every segment is verified on arrival and
-  again inside every batch (common/synthetic.py tags and CRCs), and every episode is stored the way
+  again inside every batch (tools/synthetic.py tags and CRCs), and every episode is stored the way
   Learner.store_episode does it (store durably, then remember its id), into an append-only log;
-- actors: synthetic actors (common/synthetic.py), half through rings, half inline;
+- actors: synthetic actors (tools/synthetic.py), half through rings, half inline;
 - collector (``--role collector``): episodes through realrobot/outbox.py (disk first, push,
   episode_ack), the collector's real path, with contents derived from the episode id.
 
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from common.channels import ControlClient
 from common.protocol import Message
-from common.synthetic import DEFAULT_IMAGE_SIZE, poll_until, spec_from_config
+from tools.synthetic import DEFAULT_IMAGE_SIZE, poll_until, spec_from_config
 
 log = logging.getLogger("tandem.faults")
 
@@ -129,7 +129,7 @@ class CheckingLearner:
 
     # -- Ingest's interface ----------------------------------------------------------------
     def add_segment(self, segment: dict, policy_version: int):
-        from common.synthetic import CorruptSegment, verify_segment
+        from tools.synthetic import CorruptSegment, verify_segment
         try:
             verify_segment(segment)
         except CorruptSegment as e:
@@ -163,7 +163,7 @@ class CheckingLearner:
 
     # -- training stand-in ------------------------------------------------------------------
     def check_batch(self, batch) -> None:
-        from common.synthetic import CorruptSegment, verify_segment
+        from tools.synthetic import CorruptSegment, verify_segment
         B = batch["reward"].shape[1]
         for b in range(B):
             seg = {k: v[:, b].numpy().astype(WIRE_DTYPES.get(k, v.numpy().dtype)) for k, v in batch.items()
@@ -249,7 +249,7 @@ class Cluster:
                     "--resend-after", str(self.args.resend_after)]
         i = int(name.split("-")[1])
         inline = ["--inline"] if i % 2 else []
-        return [sys.executable, "-m", "common.synthetic", "--actor", str(i), "--rate", str(self.args.actor_rate),
+        return [sys.executable, "-m", "tools.synthetic", "--actor", str(i), "--rate", str(self.args.actor_rate),
                 *inline, *CONFIG_OVERRIDES, *endpoints(self.work)]
 
     def start(self, name: str):

@@ -36,6 +36,7 @@ def load_policy_preset(preset: str, dotlist: Sequence[str] = ()) -> dict:
 # naming the problem, no traceback (TANDEM_TRACEBACK=1 shows it).
 USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, ConnectionError, ImportError, KeyError)
 USER_ERROR_EXIT = 2
+LEARNER_STOPPED_ON_TRAIN_ERRORS = 3  # learner.main's exit code after max_consecutive_train_errors
 
 
 def _help_text(prog: str, config_name: str) -> str:

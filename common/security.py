@@ -20,7 +20,7 @@ A learner whose ``auto`` resolves to CURVE but which has no keys refuses to star
 (``InsecureTransportError``) unless ``allow_insecure_public: true`` says so explicitly.
 
 Key files are ZeroMQ certificates (``zmq.auth.create_certificates``): ``<name>.key`` holds the
-public key, ``<name>.key_secret`` both keys. ``tandem-keys`` (common/keys.py) writes them.
+public key, ``<name>.key_secret`` both keys. ``tandem-keys`` (tools/keys.py) writes them.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.device import resolve_device
 from common.channels import ControlServer, DataReceiver, WeightPublisher, check_server_security
-from common.config import run_with_config
+from common.config import LEARNER_STOPPED_ON_TRAIN_ERRORS, run_with_config
 from common.episode_msg import (ACTION_KEY, IMAGE_KEY, MAX_REASON, STATE_KEY, EpisodeFormatError,
                                 ack_reply, episode_id_of, expected_episode_spec, is_ack_request,
                                 message_to_episode)
@@ -32,7 +32,6 @@ from common.policy import load_policy, make_policy
 from common.peer_meta import eval_report, sanitize_peer_meta
 from common.protocol import Message
 from common.ratelimited_log import RateLimitedLog
-from common.launch import LEARNER_STOPPED_ON_TRAIN_ERRORS
 from common.segment import SegmentSpec, check_segment_values, expected_segment_spec
 from common.shm_ring import RING_NAME, ShmRingReader, reap_dead_rings
 from learner import distributed

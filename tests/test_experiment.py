@@ -10,7 +10,7 @@ import torch
 from common.config import load_config
 from common.policy import make_policy
 from learner.checkpoint import LearnerCounters, save_checkpoint
-from learner.experiment import check_targets, needs_stage2, paired_change, run_points, stage2_runs, success_on
+from tools.experiment import check_targets, needs_stage2, paired_change, run_points, stage2_runs, success_on
 
 
 def test_curve_points_count_env_steps_from_the_checkpoints(tmp_path):

@@ -30,7 +30,7 @@ def test_the_checks_catch_torn_segments_and_lost_or_duplicated_episodes(tmp_path
 
     from common.episode_msg import ACTION_KEY, IMAGE_KEY, STATE_KEY, Episode
     from common.segment import SegmentSpec
-    from common.synthetic import CorruptSegment, fill_segment, verify_segment
+    from tools.synthetic import CorruptSegment, fill_segment, verify_segment
     from realrobot.outbox import Outbox
 
     spec = SegmentSpec(steps=2, image_hw=(8, 8), token_len=4, state_dim=8, num_denoise_steps=2, chunk_size=4)

@@ -1,6 +1,6 @@
 """A bounded fuzz of a live learner process (ipc): it stays up, counts every bad message under the
 reason its validation gives, and keeps training on a valid segment stream sent beside the fuzz.
-The long run (>= 10,000 messages) is `python -m common.fuzz --messages 10000`."""
+The long run (>= 10,000 messages) is `python -m tools.fuzz --messages 10000`."""
 import math
 import os
 import signal
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from common.config import load_config
-from common.fuzz import LEARNER_OVERRIDES, run_fuzz, spawn_learner
+from tools.fuzz import LEARNER_OVERRIDES, run_fuzz, spawn_learner
 from common.procinfo import rss_mib
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,9 +10,9 @@ import zmq
 
 from common.config import load_config
 from common.episode_msg import STATE_KEY, Episode, ack_request, episode_to_message
-from common.fuzz import LEARNER_OVERRIDES, learner_status, spawn_learner
+from tools.fuzz import LEARNER_OVERRIDES, learner_status, spawn_learner
 from common.protocol import decode, encode
-from common.synthetic import DEFAULT_IMAGE_SIZE, poll_until
+from tools.synthetic import DEFAULT_IMAGE_SIZE, poll_until
 from realrobot.outbox import QUARANTINE, EpisodePusher, Outbox, OutboxConfig
 from processes import stop
 

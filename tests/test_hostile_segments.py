@@ -8,9 +8,9 @@ import pytest
 import zmq
 
 from common.config import load_config
-from common.fuzz import LEARNER_OVERRIDES, learner_status, spawn_learner
+from tools.fuzz import LEARNER_OVERRIDES, learner_status, spawn_learner
 from common.protocol import Message, encode
-from common.synthetic import fill_segment, poll_until, spec_from_config
+from tools.synthetic import fill_segment, poll_until, spec_from_config
 from processes import stop
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,7 +60,7 @@ def test_control_plane_spoofing_is_refused_and_status_survives_any_reply(tmp_pat
     """A hello with mode 5 and a heartbeat claiming eval_success 1.0 from a train peer (issue #18, item 4):
     neither reaches the peer table's mode, summary.json or TensorBoard; a registered eval actor's
     result does; tandem-status prints whatever the learner answers."""
-    from common.status import status
+    from tools.status import status
 
     proc, eps = spawn_learner(tmp_path, [])
     ctx = zmq.Context.instance()

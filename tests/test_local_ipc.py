@@ -15,11 +15,11 @@ import pytest
 
 from common.channels import DataReceiver, check_server_security
 from common.config import load_config
-from common.fuzz import LEARNER_OVERRIDES, learner_status
+from tools.fuzz import LEARNER_OVERRIDES, learner_status
 from common.local_ipc import EndpointInUseError
 from common.security import InsecureTransportError, SecurityConfig
 from common.shm_ring import SHM_DIR, ShmRingWriter, reap_dead_rings
-from common.synthetic import poll_until, spec_from_config
+from tools.synthetic import poll_until, spec_from_config
 from processes import stop
 
 pytestmark = pytest.mark.timeout(120)
@@ -183,7 +183,7 @@ def test_live_learner_and_actor_train_on_the_default_private_endpoints(tmp_path)
     logs = {n: open(tmp_path / f"{n}.log", "wb") for n in ("learner", "actor")}
     learner = subprocess.Popen([sys.executable, "-m", "learner.main", *overrides], cwd=ROOT, env=env,
                                stdout=logs["learner"], stderr=subprocess.STDOUT)
-    actor = subprocess.Popen([sys.executable, "-m", "common.synthetic", "--actor", "0", "--rate", "20", *overrides],
+    actor = subprocess.Popen([sys.executable, "-m", "tools.synthetic", "--actor", "0", "--rate", "20", *overrides],
                              cwd=ROOT, env=env, stdout=logs["actor"], stderr=subprocess.STDOUT)
     try:
         def trained_and_followed():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from learner.metrics import MetricsWriter
-from learner.report import main, read_scalars
+from tools.report import main, read_scalars
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 UPDATES = 20

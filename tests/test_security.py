@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from common.channels import (ControlClient, ControlServer, DataReceiver, DataSender, SocketOptions,
                              WeightPublisher, WeightSubscriber, check_server_security)
-from common.keys import main as keys_main
-from common.keys import make_keys
+from tools.keys import main as keys_main
+from tools.keys import make_keys
 from common.protocol import Message
 from common.security import (InsecureTransportError, SecurityConfig, SecurityConfigError,
                              endpoint_is_local)

@@ -9,7 +9,7 @@ set -uo pipefail
 OUTDIR=${1:?usage: system_run.sh OUTDIR [SECONDS] [overrides]}; shift
 SECS=${1:-150}; [ $# -gt 0 ] && shift
 RUN=/tmp/tandem_system_run; rm -rf "$RUN"; mkdir -p "$RUN" "$OUTDIR"
-python3 -m common.launch launch.num_actors=1 launch.eval_actors=false device=cuda actor.device=cuda \
+python3 -m tools.launch launch.num_actors=1 launch.eval_actors=false device=cuda actor.device=cuda \
   policy=base env.image_size=128 actor.inference=server actor.num_envs=16 actor.server.cuda_graphs=true \
   learner.use_real_data_co_training=false learner.live_dataset.root=null learner.max_duration_s="$SECS" \
   learner.global_batch_size=16 learner.micro_batch_size=16 learner.checkpoint_interval=100000 \

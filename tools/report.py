@@ -1,6 +1,6 @@
 """Training report from TensorBoard logs (``tandem-report``): a markdown summary and PNG plots.
 
-  python -m learner.report RUN_DIR [RUN_DIR ...] [--out DIR]
+  python -m tools.report RUN_DIR [RUN_DIR ...] [--out DIR]
 
 A run directory is a ``run_dir`` of tandem-learner or tandem-sft: TensorBoard event files under
 ``tb/`` (or directly in it), optionally ``summary.json`` (learner) or ``sft_summary.json`` (SFT),

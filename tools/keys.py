@@ -1,4 +1,4 @@
-"""`tandem-keys`: CURVE keypairs for the learner and its peers (``python -m common.keys``).
+"""`tandem-keys`: CURVE keypairs for the learner and its peers (``python -m tools.keys``).
 
     tandem-keys --dir keys --clients actors collector deployer
 

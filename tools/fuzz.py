@@ -1,4 +1,4 @@
-"""Fuzzer of the learner's receivers (``python -m common.fuzz``).
+"""Fuzzer of the learner's receivers (``python -m tools.fuzz``).
 
 Sends random and mutated messages to a live learner's data (PULL) and control (ROUTER) sockets
 while a synthetic actor keeps sending a valid segment stream beside them, then reads the
@@ -15,8 +15,8 @@ Messages whose outcome cannot be predicted without touching the learner's state 
 segment, a notice that would attach a real ring, a well-formed episode) are drawn again, so
 the accounting is exact.
 
-    python -m common.fuzz --messages 10000                       # spawns learner.main on ipc
-    python -m common.fuzz --messages 10000 --data-endpoint ipc:///tmp/x/data.ipc \\
+    python -m tools.fuzz --messages 10000                       # spawns learner.main on ipc
+    python -m tools.fuzz --messages 10000 --data-endpoint ipc:///tmp/x/data.ipc \\
         --control-endpoint ipc:///tmp/x/control.ipc [overrides matching that learner's limits]
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ from common.policy import make_policy
 from common.procinfo import rss_mib
 from common.segment import SegmentSpec, check_segment_values
 from common.shm_ring import RING_NAME, ShmRingReader, ShmRingWriter
-from common.synthetic import DEFAULT_IMAGE_SIZE, SyntheticActor, poll_until, spec_from_config
+from tools.synthetic import DEFAULT_IMAGE_SIZE, SyntheticActor, poll_until, spec_from_config
 
 log = logging.getLogger("tandem.fuzz")
 
@@ -610,7 +610,7 @@ def run_fuzz(messages: int, cfg, data_endpoint: str, control_endpoint: str, seed
 
 def main(argv=None) -> int:
     from common.config import load_config
-    ap = argparse.ArgumentParser(prog="python -m common.fuzz", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.fuzz", description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--good-rate", type=float, default=20.0, help="valid segments per second beside the fuzz")

@@ -6,7 +6,7 @@ Every segment carries a self-check: the first row of its last image holds a tag
 the segment). ``verify_segment`` recomputes it, so a reader can tell a whole segment from a torn,
 mixed or corrupted one, and which actor process and sequence number it was.
 
-    python -m common.synthetic --actor 3 --rate 20 --duration 60 [key=value config overrides]
+    python -m tools.synthetic --actor 3 --rate 20 --duration 60 [key=value config overrides]
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ class SyntheticActor:
 
 def main(argv=None) -> int:
     from common.config import load_config
-    ap = argparse.ArgumentParser(prog="python -m common.synthetic", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--actor", type=int, required=True, help="actor number (in every segment's tag)")
     ap.add_argument("--rate", type=float, default=10.0, help="segments per second (0: as fast as possible)")
     ap.add_argument("--duration", type=float, default=0.0, help="seconds (0: until SIGTERM)")

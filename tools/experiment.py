@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 
 from common.config import run_with_config
 from common.evaluation import ENV_OVERRIDES_FILE, evaluate_parallel
-from common.pipeline import PY, Pipeline, run_stage
+from tools.pipeline import PY, Pipeline, run_stage
 from common.policy import load_policy
 from learner.checkpoint import list_checkpoints
 from learner.cotrain import sft_inputs

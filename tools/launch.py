@@ -13,9 +13,8 @@ import time
 
 from omegaconf import DictConfig
 
-from common.config import run_with_config
+from common.config import LEARNER_STOPPED_ON_TRAIN_ERRORS, run_with_config
 
-LEARNER_STOPPED_ON_TRAIN_ERRORS = 3  # learner.main's exit code after max_consecutive_train_errors
 
 
 def _cmd(module: str, overrides: list[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Transport benchmark: memcpy vs shared-memory ring vs raw pyzmq vs Tandem's protocol.
 
-    python -m common.bench_transport [--quick] [--json results.json]
+    python -m benchmarks.bench_transport [--quick] [--json results.json]
 
 Every two-process measurement runs the receiving side in a separate (spawned) process and
 times it in steady state, after warm-up messages; each two-process run is repeated (raw and

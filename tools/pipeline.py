@@ -118,7 +118,7 @@ class Pipeline:
 
     def stage2_command(self, run_dir: Path, extra: list[str] = ()) -> list[str]:
         """tandem-run (learner + actors as separate processes) from the Stage I policy; ``extra`` last."""
-        return [PY, "-m", "common.launch", f"run_dir={run_dir}", *self.env, *self.shared,
+        return [PY, "-m", "tools.launch", f"run_dir={run_dir}", *self.env, *self.shared,
                 f"learner.model_path={self.stage1_policy}",
                 "learner.real_datasets=" + dataset_list(("local/tandem_real_demos", self.real_demos, 1.0)),
                 f"learner.total_updates={self.p.stage2_updates}",
@@ -130,7 +130,7 @@ class Pipeline:
         return json.loads((run_dir / "summary.json").read_text())
 
     def report(self, runs: list[Path], out: Path) -> None:
-        run_stage("report", [PY, "-m", "learner.report", *map(str, runs), "--out", str(out)])
+        run_stage("report", [PY, "-m", "tools.report", *map(str, runs), "--out", str(out)])
 
 
 def pipeline(cfg: DictConfig, overrides: list[str]) -> int:
