@@ -99,13 +99,14 @@ def read_journal(path: Path) -> list[dict]:
 
 
 class CheckingLearner:
-    """What learner/main.py's Ingest needs from a Learner, plus checks on every segment and batch."""
+    """An ``IngestSink`` (learner/ingest.py) with the real Ingest and Batcher, plus checks on every
+    segment and batch."""
 
     def __init__(self, cfg, work: Path, update_delay_s: float, batch_size: int, store_delay_s: float = 0.0):
         from common.channels import WeightPublisher
         from learner.batcher import Batcher
         from common.episode_msg import expected_episode_spec
-        from learner.main import Ingest
+        from learner.ingest import Ingest
         self.cfg = cfg
         self.session = uuid.uuid4().hex[:8]
         self.version = 0
@@ -113,8 +114,6 @@ class CheckingLearner:
         self.update_delay_s = update_delay_s
         self.store_delay_s = store_delay_s  # stands for the time a real dataset write takes
         self.batcher = Batcher(batch_size, int(cfg.learner.max_policy_lag), int(cfg.learner.max_queued_segments))
-        self.segment_spec = spec_from_config(cfg)  # the layout the real learner checks notices against
-        self.episode_spec = expected_episode_spec(cfg)  # and what it accepts of a real episode
         self.batch_lock = threading.Lock()
         self.events = Journal(work / "events.jsonl")     # corrupt segments, duplicates
         self.stores = Journal(work / "stores.jsonl")     # one line per episode stored
@@ -125,9 +124,10 @@ class CheckingLearner:
         self.republish = threading.Event()
         self.stop = threading.Event()
         self.publisher = WeightPublisher.from_config(cfg.transport)
-        self.ingest = Ingest(self)
+        # the layouts the real learner checks segments, notices and real episodes against
+        self.ingest = Ingest(cfg.transport, self, spec_from_config(cfg), expected_episode_spec(cfg))
 
-    # -- Ingest's interface ----------------------------------------------------------------
+    # -- IngestSink ------------------------------------------------------------------------
     def add_segment(self, segment: dict, policy_version: int):
         from tools.synthetic import CorruptSegment, verify_segment
         try:
@@ -137,11 +137,12 @@ class CheckingLearner:
         with self.batch_lock:
             self.batcher.add(segment, policy_version, self.version)
 
-    def store_episode(self, ep):
+    def store_episode(self, ep) -> str:
+        from learner.episode_store import write_json
+        from learner.ingest import DUPLICATE, STORED
         if ep.episode_id in self.stored_episode_ids:
-            self.ingest.duplicate_episodes += 1
             self.events.write(type="resend_ignored", session=self.session, episode_id=ep.episode_id)
-            return
+            return DUPLICATE
         time.sleep(self.store_delay_s)
         want = episode_arrays(ep.episode_id)
         got = {"observation.image": ep.images, "observation.state": ep.states, "action": ep.actions}
@@ -149,9 +150,11 @@ class CheckingLearner:
         # as Learner.store_episode: durable store first, then the id (the ack says "stored")
         self.stores.write(episode_id=ep.episode_id, session=self.session, intact=bool(intact))
         self.stored_episode_ids.add(ep.episode_id)
-        tmp = self.ids_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(self.stored_episode_ids)))
-        tmp.replace(self.ids_file)
+        write_json(self.ids_file, sorted(self.stored_episode_ids))
+        return STORED
+
+    def is_stored(self, episode_id: str) -> bool:
+        return episode_id in self.stored_episode_ids
 
     def record_eval(self, meta):
         pass

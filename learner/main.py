@@ -1,10 +1,10 @@
 """The learner process (`tandem-learner`).
 
-Two threads, as Sample Factory separates batcher and learner:
-- ingest: owns the data (PULL) and control (ROUTER) sockets; turns shared-memory notices and
-  ZeroMQ segments into queued segments, stores real episodes (disk first), answers peers;
-- train (main thread): V-trace PPO (+ SFT co-training) updates, weight broadcast (PUB),
-  checkpoints and TensorBoard logs.
+Two threads, as Sample Factory separates batcher and learner; data flows one way:
+- ingest (``learner/ingest.py``): sockets and rings in, every message validated once, segments
+  into the batcher, real episodes into the ``EpisodeStore`` (``learner/episode_store.py``);
+- train (main thread, here): batches out of the batcher, V-trace PPO (+ SFT co-training) updates,
+  weight broadcast (PUB), checkpoints and TensorBoard logs.
 Bad messages are dropped and counted; actors may come and go; SIGINT/SIGTERM checkpoint and exit.
 """
 from __future__ import annotations
@@ -15,191 +15,29 @@ import signal
 import threading
 import time
 import uuid
-from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.device import resolve_device
-from common.channels import ControlServer, DataReceiver, WeightPublisher, check_server_security
+from common.channels import WeightPublisher, check_server_security
 from common.config import LEARNER_STOPPED_ON_TRAIN_ERRORS, run_with_config
-from common.episode_msg import (ACTION_KEY, IMAGE_KEY, MAX_REASON, STATE_KEY, EpisodeFormatError,
-                                ack_reply, episode_id_of, expected_episode_spec, is_ack_request,
-                                message_to_episode)
+from common.device import resolve_device
+from common.episode_msg import expected_episode_spec
 from common.policy import load_policy, make_policy
-from common.peer_meta import eval_report, sanitize_peer_meta
-from common.protocol import Message
 from common.ratelimited_log import RateLimitedLog
-from common.segment import SegmentSpec, check_segment_values, expected_segment_spec
-from common.shm_ring import RING_NAME, ShmRingReader, reap_dead_rings
+from common.segment import expected_segment_spec
 from learner import distributed
 from learner.batcher import Batcher
 from learner.checkpoint import LearnerCounters, load_latest_checkpoint, save_checkpoint
 from learner.cotrain import make_optimizer, train_step
+from learner.episode_store import EpisodeStore
+from learner.ingest import NO_VOCAB_LIMIT, Ingest
 from learner.metrics import LossRatioMonitor, MetricsWriter
 from learner.real_replay import RealReplay
 
 log = logging.getLogger("tandem.learner")
-MAX_PEER_NAME = 64  # characters of a peer's self-chosen name kept in the peer table and logs
-MAX_REMEMBERED_REJECTIONS = 10_000  # refused episode ids answered in ack replies (oldest forgotten)
-MAX_GONE_NAMED = 5  # peers named in one "marked gone" line
-
-
-class Ingest(threading.Thread):
-    """Receives everything the learner is sent; the only user of the data and control sockets."""
-
-    def __init__(self, learner: "Learner"):
-        super().__init__(name="ingest", daemon=True)
-        self.L = learner
-        cfg = learner.cfg.transport
-        self.data = DataReceiver.from_config(cfg)
-        self.control = ControlServer.from_config(cfg)
-        self.rings: dict[str, ShmRingReader] = {}
-        self.peers: dict[str, dict] = {}
-        self.dropped = defaultdict(int)  # reason -> count, beyond the channels' own counters
-        self.duplicate_episodes = 0
-        self.rejected_episodes: OrderedDict[str, str] = OrderedDict()  # id -> reason, newest last
-        self.stop = threading.Event()
-        self.peer_timeout_s = float(cfg.peer_timeout_s)
-        self.max_peers = int(cfg.max_peers)
-        self._last_reap = time.time()
-        self.ring_prefix = str(cfg.ring.name_prefix)
-        self.drop_log = RateLimitedLog(log)
-
-    # -- data ---------------------------------------------------------------------------------
-    def on_segment(self, msg: Message):
-        self.L.add_segment(dict(msg.arrays), msg.policy_version)
-
-    def on_notice(self, msg: Message):
-        meta = msg.meta
-        name = meta.get("ring")
-        reader = self.rings.get(name)
-        if reader is None:
-            if not (isinstance(name, str) and name.startswith(self.ring_prefix) and RING_NAME.fullmatch(name)):
-                self.dropped["bad_ring"] += 1
-                return
-            try:
-                spec = SegmentSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["spec"].items()})
-                if spec != self.L.segment_spec:
-                    raise ValueError(f"ring layout {spec} is not the learner's {self.L.segment_spec}")
-                reader = ShmRingReader.attach(name, spec.arrays(), meta.get("num_slots"))
-            except (KeyError, TypeError, ValueError, OSError) as e:
-                self.dropped["bad_ring"] += 1
-                self.drop_log.warn(f"dropping notice for ring {str(name)[:80]!r} from "
-                                   f"{str(msg.sender)[:MAX_PEER_NAME]!r}: {e}", key="bad_ring")
-                return
-            self.rings[name] = reader
-        segment = reader.take(meta)  # the one copy out of shared memory; then the slot is free
-        if segment is None:  # not READY with this seq (writer died mid-write, stale notice) or torn
-            self.dropped["slot_not_ready"] += 1
-            return
-        self.L.add_segment(segment, msg.policy_version)
-
-    def on_episode(self, msg: Message):
-        try:
-            ep = message_to_episode(msg, self.L.episode_spec)
-        except EpisodeFormatError as e:
-            self.dropped[f"bad_episode:{e.reason}"] += 1
-            episode_id = episode_id_of(msg)
-            if episode_id is not None:  # the sender learns it from its next ack query, and quarantines it
-                self.rejected_episodes[episode_id] = f"{e.reason}: {e}"[:MAX_REASON]
-                while len(self.rejected_episodes) > MAX_REMEMBERED_REJECTIONS:
-                    self.rejected_episodes.popitem(last=False)
-            self.drop_log.warn(f"dropping episode {episode_id!r} from {str(msg.sender)[:MAX_PEER_NAME]!r}: {e}",
-                               key="bad_episode")
-            return
-        self.L.store_episode(ep)
-
-    # -- control ------------------------------------------------------------------------------
-    def on_control(self, peer: bytes, msg: Message):
-        name = msg.sender or peer.decode(errors="replace")
-        if is_ack_request(msg):
-            self.control.reply(peer, ack_reply(msg, self.L.stored_episode_ids.__contains__,
-                                               rejected=self.rejected_episodes), in_reply_to=msg)
-            return
-        if msg.kind in ("hello", "heartbeat", "bye"):
-            name = name[:MAX_PEER_NAME]
-            meta, rejected = sanitize_peer_meta(msg.meta)
-            for reason in rejected:
-                self.dropped[f"control_field:{reason}"] += 1
-            if rejected:
-                self.drop_log.warn(f"control fields from {name!r} dropped: {', '.join(sorted(set(rejected)))}",
-                                   key="control_field")
-            if name not in self.peers and len(self.peers) >= self.max_peers:
-                self.peers.pop(min(self.peers, key=lambda n: self.peers[n]["last_seen"]))
-            info = self.peers.setdefault(name, {"registered_mode": meta.get("mode", "train")})
-            if "mode" in meta and meta["mode"] != info["registered_mode"]:  # a peer keeps the role it registered with
-                self.dropped["control_field:mode_change"] += 1
-                meta.pop("mode")
-            info.update(meta, last_seen=time.time(), policy_version=msg.policy_version)
-            if msg.kind == "bye" or meta.get("bye"):
-                self.peers.pop(name, None)
-            if meta.get("want_weights"):
-                self.L.republish.set()
-            if "eval_success" in meta:
-                try:
-                    self.L.record_eval(eval_report(meta, info["registered_mode"]))
-                except ValueError as e:
-                    self.dropped["control_eval_result"] += 1
-                    self.drop_log.warn(f"eval result from {name!r} ignored: {e}", key="control_eval_result")
-        reply = Message(kind="status", sender="learner", policy_version=self.L.version,
-                        meta=self.L.status(self.peers) if msg.kind == "status_request" else
-                        {"session": self.L.session})
-        self.control.reply(peer, reply, in_reply_to=msg)
-
-    def reap(self):
-        now = time.time()
-        gone = [n for n, p in self.peers.items() if now - p["last_seen"] > self.peer_timeout_s]
-        for name in gone:
-            self.peers.pop(name)
-        if gone:  # one line per reap, rate-limited: a flood of one-off hellos must not fill the log
-            more = f" and {len(gone) - MAX_GONE_NAMED} more" if len(gone) > MAX_GONE_NAMED else ""
-            self.drop_log.warn(f"peers silent for over {self.peer_timeout_s:.0f}s, marked gone: "
-                               f"{', '.join(map(repr, gone[:MAX_GONE_NAMED]))}{more}", key="peer_gone")
-        for name in [n for n, r in self.rings.items() if not r.owner_alive()]:
-            log.warning("ring %s: its writer died; unlinking it", name)
-            reader = self.rings.pop(name)
-            reader.unlink()
-            reader.close()
-        reap_dead_rings(self.ring_prefix)  # also rings of writers that died before any notice
-
-    def run(self):
-        handlers = {"segment": self.on_segment, "segment_notice": self.on_notice, "episode": self.on_episode}
-        while not self.stop.is_set():
-            try:
-                for _ in range(64):  # serve control between bursts of data
-                    msg = self.data.recv(timeout_ms=5)
-                    if msg is None:
-                        break
-                    handler = handlers.get(msg.kind)
-                    if handler is None:
-                        self.dropped[f"unexpected_kind:{msg.kind}"] += 1
-                    else:
-                        handler(msg)
-                while (req := self.control.poll(timeout_ms=0)) is not None:
-                    self.on_control(*req)
-                if time.time() - self._last_reap > 1.0:
-                    self.reap()
-                    self._last_reap = time.time()
-            except Exception as e:  # the learner must outlive any one bad input
-                self.dropped[f"ingest_error:{type(e).__name__}"] += 1
-                if self.drop_log.warn(f"ingest error (message dropped): {type(e).__name__}: {e}", key="ingest_error"):
-                    log.debug("ingest error traceback", exc_info=True)
-        self.data.close()
-        self.control.close()
-        for r in self.rings.values():
-            r.close()
-
-    def dropped_total(self) -> dict:
-        d = dict(self.dropped)
-        d["protocol_data"] = self.data.drops.total
-        d["protocol_control"] = self.control.drops.total
-        d.update({f"protocol_data/{r}": n for r, n in self.data.drops.counts.items()})
-        d.update({f"protocol_control/{r}": n for r, n in self.control.drops.counts.items()})
-        d["ring"] = sum(r.drops.total for r in self.rings.values())
-        return d
 
 
 class Learner:
@@ -215,10 +53,7 @@ class Learner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.co_train = bool(lcfg.use_real_data_co_training)
         self.replay = RealReplay.from_config(lcfg, seed=cfg.seed) if (self.co_train or lcfg.live_dataset.root) else None
-        self.ids_file = self.run_dir / "stored_episode_ids.json"
-        self.stored_episode_ids: set[str] = set(json.loads(self.ids_file.read_text())) if self.ids_file.exists() else set()
-        self.intent_file = self.run_dir / "storing_episode.json"
-        self._recover_episode_intent()
+        self.episodes = EpisodeStore(self.run_dir, self.replay)
 
         ckpt = load_latest_checkpoint(lcfg.checkpoint_dir, map_location=str(self.device))
         if ckpt is not None:
@@ -234,9 +69,6 @@ class Learner:
                 self.policy = make_policy(cfg.policy, stats=stats or None)
             self.policy = self.policy.to(self.device)
             self.counters = LearnerCounters()
-        self.segment_spec = expected_segment_spec(cfg, self.policy)
-        self.episode_spec = expected_episode_spec(cfg)
-        self.vocab_size = int(getattr(getattr(self.policy, "tokenizer", None), "vocab_size", 2**31 - 1))
         self.train_errors = 0  # updates that raised (contained; the batch is skipped)
         self.skipped_nonfinite = 0  # updates whose loss or gradients were not finite (no optimiser step)
         self.exit_code = 0
@@ -258,59 +90,24 @@ class Learner:
         self._samples_window = (time.time(), self.counters.sim_samples)
         self.samples_per_s = 0.0
         self.lag_histogram = np.zeros(lcfg.max_policy_lag + 1, dtype=np.int64)  # trained segments by policy lag
-        self.ingest = Ingest(self)
+        vocab_size = int(getattr(getattr(self.policy, "tokenizer", None), "vocab_size", NO_VOCAB_LIMIT))
+        self.ingest = Ingest(cfg.transport, self, expected_segment_spec(cfg, self.policy), expected_episode_spec(cfg),
+                             vocab_size)
 
     @property
     def version(self) -> int:
         return self.counters.policy_version
 
-    # -- called from the ingest thread --------------------------------------------------------
+    # -- IngestSink: called from the ingest thread ---------------------------------------------
     def add_segment(self, segment: dict, policy_version: int):
-        try:
-            self.segment_spec.check(segment)
-        except ValueError as e:
-            self.ingest.dropped["bad_segment"] += 1
-            log.debug("dropping segment: %s", e)
-            return
-        fault = check_segment_values(segment, self.vocab_size)
-        if fault is not None:
-            self.ingest.dropped[f"bad_segment_value:{fault}"] += 1
-            self.drop_log.warn(f"dropping segment: {fault}")
-            return
         with self.batch_lock:
             self.batcher.add(segment, policy_version, self.version)
 
-    def store_episode(self, ep):
-        if ep.episode_id in self.stored_episode_ids:
-            self.ingest.duplicate_episodes += 1
-            return
-        if self.replay is None or self.replay.live is None:
-            self.ingest.dropped["no_live_dataset"] += 1
-            log.warning("episode %s dropped: learner.live_dataset.root is not set", ep.episode_id)
-            return
-        # intent first: a crash after the dataset write but before the id is recorded must not
-        # store the episode twice when the collector resends it (see _recover_episode_intent)
-        _write_json(self.intent_file, {"episode_id": ep.episode_id, "episodes_before": self.replay.size()["sources"]["live"]["episodes"]})
-        self.replay.add_episode({IMAGE_KEY: ep.images, STATE_KEY: ep.states, ACTION_KEY: ep.actions}, ep.task)
-        self._record_episode_id(ep.episode_id)  # only after it is on disk: the ack says "stored"
-        log.info("stored real episode %s (%d frames, success=%s)", ep.episode_id, ep.num_frames, ep.success)
+    def store_episode(self, ep) -> str:
+        return self.episodes.store(ep)
 
-    def _record_episode_id(self, episode_id: str):
-        self.stored_episode_ids.add(episode_id)
-        _write_json(self.ids_file, sorted(self.stored_episode_ids))
-        self.intent_file.unlink(missing_ok=True)
-
-    def _recover_episode_intent(self):
-        """An episode being stored when the learner died: keep its id iff the live dataset has it."""
-        if not self.intent_file.exists():
-            return
-        intent = json.loads(self.intent_file.read_text())
-        live = (self.replay.size()["sources"].get("live") if self.replay is not None else None) or {"episodes": 0}
-        if live["episodes"] > intent["episodes_before"]:
-            log.warning("episode %s was stored before a crash: recording its id", intent["episode_id"])
-            self._record_episode_id(intent["episode_id"])
-        else:
-            self.intent_file.unlink()
+    def is_stored(self, episode_id: str) -> bool:
+        return episode_id in self.episodes
 
     def record_eval(self, report: dict):
         """An eval actor's result (``common.peer_meta.eval_report``) into summary.json and TensorBoard."""
@@ -468,12 +265,6 @@ class Learner:
                    "tensorboard": str(Path(self.cfg.learner.log_dir).resolve())}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         log.info("summary: %s", {k: v for k, v in summary.items() if k != "eval_history"})
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
 
 
 def _progress(total: int, initial: int):

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import run_with_config
+from common.device import resolve_device
 from realrobot.collector import episode_task, require_task_source, session_identity, sigterm_as_interrupt
 from realrobot.dataset_writer import DatasetWriter, EpisodeBuffer
 from realrobot.operator_prompt import EpisodeLabel, make_prompt
@@ -117,7 +118,7 @@ class Deployer:
         if d.apply_weights_at not in APPLY_AT:
             raise ValueError(f"deploy.apply_weights_at must be one of {APPLY_AT}, not {d.apply_weights_at!r}")
         self.identity = session_identity("deployer", d.get("identity"))
-        self.device = torch.device(d.device)
+        self.device = resolve_device(d.device)
         torch.manual_seed(cfg.seed)
         self.policy = (load_policy(d.policy_path, map_location=str(self.device)) if d.policy_path
                        else make_policy(cfg.policy)).to(self.device).eval()

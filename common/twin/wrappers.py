@@ -14,7 +14,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from common.dataset_schema import ACTION_DIM, STATE_DIM
+from common.dataset_schema import ACTION_DIM
 from common.twin.task import TASK_ID, TandemPickPlaceEnv, to_dict
 
 OBS_MODES = ("rgb", "state")
