@@ -35,6 +35,7 @@ class _SingleEnv:
         from common.twin import make_env
 
         self.env = make_env(env_cfg, real_proxy=real_proxy, seed=seed)
+        self.observe_every_step = bool(self.env.cfg["observe_every_step"])
         self.seed = seed
         self.episodes = 0
         self.ep_return, self.ep_len = 0.0, 0
@@ -46,8 +47,9 @@ class _SingleEnv:
 
     def run_chunk(self, actions: np.ndarray) -> ChunkResult:
         total, steps = 0.0, 0
-        for action in actions:
-            obs, reward, terminated, truncated, info = self.env.step(action)
+        last = len(actions) - 1
+        for j, action in enumerate(actions):
+            obs, reward, terminated, truncated, info = self.env.step(action, observe=self.observe_every_step or j == last)
             total += float(reward)
             steps += 1
             if terminated or truncated:

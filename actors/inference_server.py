@@ -23,12 +23,20 @@ adds gamma * V to that step's reward, as the lockstep actor does.
 The token ids come back from the server (``policy.tokenize`` with a cache), so the workers need
 no tokenizer and any policy backend works. ``FakeTwinEnv`` stands in for the simulator in tests
 and CPU benchmarks of this path (``env_factory="actors.inference_server:FakeTwinEnv"``).
+
+Throughput options (issue #20, ``actor.server.*``; the defaults are the original behaviour):
+``autocast_dtype`` runs ``policy.sample`` under ``torch.autocast`` (the policy keeps its Gaussian
+log-prob math in float32; truncation values stay float32); ``cpu_affinity`` pins each env worker
+to one core; ``profile``
+times the sections of every worker's loop (``common.laps``) and the server's, for
+``bench_gpu.py --phases profile``.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import queue
 import threading
@@ -42,6 +50,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from common.device import autocast
+from common.device import autocast_dtype as autocast_dtype_of
+from common.laps import LAPS, WORKER_SECTIONS, Laps, merge
 from common.segment import SegmentSpec
 
 log = logging.getLogger("tandem.inference_server")
@@ -69,6 +80,10 @@ def slot_layout(num_slots: int, image_hw: tuple[int, int], state_dim: int, token
         "value": ("float32", (N,)),
         "tokens": ("int32", (N, token_len)),
         "version": ("int64", (N,)),
+        # running totals written by env workers: env steps executed, and with profile its sections
+        "env_steps": ("int64", (N,)),
+        "lap_s": ("float64", (N, len(WORKER_SECTIONS))),
+        "lap_n": ("int64", (N, len(WORKER_SECTIONS))),
     }
 
 
@@ -148,8 +163,10 @@ class FakeTwinEnv:
     def run_chunk(self, actions: np.ndarray):
         total, steps = 0.0, 0
         for a in actions:
+            t = time.perf_counter()
             if self.step_cost_s:
                 time.sleep(self.step_cost_s)
+            LAPS.lap("physics", t)
             self.elapsed += 1
             steps += 1
             total += float(-np.abs(a).mean())
@@ -170,18 +187,37 @@ def _load(target: str):
     return getattr(importlib.import_module(module), name)
 
 
+def worker_cores(spec: Any, num_workers: int, allowed: list[int]) -> list[Optional[list[int]]]:
+    """The core each env worker is pinned to (``actor.server.cpu_affinity``). None: None for every
+    worker (the OS schedules); "auto": worker i on the i-th of the ``allowed`` cores, wrapping; a
+    list of core ids: worker i on list[i % len]."""
+    if spec is None:
+        return [None] * num_workers
+    if spec == "auto":
+        cores = sorted(allowed)
+    elif isinstance(spec, str) or not len(spec):
+        raise ValueError(f"actor.server.cpu_affinity must be null, 'auto' or a list of core ids, got {spec!r}")
+    else:
+        cores = [int(c) for c in spec]
+    return [[cores[i % len(cores)]] for i in range(num_workers)]
+
+
 # ---- env worker process -----------------------------------------------------------------------
 def _env_worker(conn, index: int, env_cfg: Any, real_proxy: bool, seed: int, env_factory: str, seg: dict):
     """One env; requests its chunks from the server; sends whole segments back."""
     env = None
     torch.set_num_threads(1)  # one env per process: no intra-op thread pools fighting over the cores
+    if seg["cores"]:  # before the simulator starts its threads, which inherit the mask
+        os.sched_setaffinity(0, seg["cores"])
+    LAPS.enabled = seg["profile"]
     try:
         if isinstance(env_cfg, str):
             from omegaconf import OmegaConf
             env_cfg = OmegaConf.create(env_cfg)
         env = _load(env_factory)(env_cfg, real_proxy, seed)
         obs, instr = env.reset()
-        conn.send(("hello", {"image_hw": tuple(obs["image"].shape[:2]), "state_dim": int(obs["state"].shape[0])}))
+        conn.send(("hello", {"image_hw": tuple(obs["image"].shape[:2]), "state_dim": int(obs["state"].shape[0]),
+                             "cores": sorted(os.sched_getaffinity(0))}))
         msg = conn.recv()
         if msg == STOP or msg[0] != "attach":
             return
@@ -189,25 +225,34 @@ def _env_worker(conn, index: int, env_cfg: Any, real_proxy: bool, seed: int, env
         spec = SegmentSpec(**msg[3])
         T, k, gamma = spec.steps, int(seg["exec_horizon"]), float(seg["gamma"])
         img, st, ins, ins_len = slots["image"][index], slots["state"][index], slots["instr"][index], slots["instr_len"]
+        lap_s, lap_n, steps_done = slots["lap_s"][index], slots["lap_n"][index], slots["env_steps"]
 
         def request(o: dict, instruction: str, kind: bytes) -> bool:
+            t = time.perf_counter()
             np.copyto(img, o["image"])
             np.copyto(st, o["state"])
             b = instruction.encode("utf-8")[:MAX_INSTR_BYTES]
             ins[: len(b)] = np.frombuffer(b, np.uint8)
             ins_len[index] = len(b)
+            if LAPS.enabled:
+                LAPS.publish(lap_s, lap_n)
             conn.send_bytes(kind)
-            return conn.recv_bytes() == RESULT
+            t = LAPS.lap("ipc_send", t)
+            ok = conn.recv_bytes() == RESULT
+            LAPS.lap("wait_server", t)
+            return ok
 
         buf, t, versions = spec.empty(), 0, []
         meta = dict(env_steps=0, episodes=0, successes=0, returns=[])
         while True:
             if not request(obs, instr, REQ_SAMPLE):
                 break
+            t0 = time.perf_counter()
             if t == T:  # the observation after the segment (bootstrap) with its tokens: ship it
                 buf["image"][T], buf["state"][T], buf["tokens"][T] = obs["image"], obs["state"], slots["tokens"][index]
                 conn.send_bytes(pickle.dumps(("segment", buf, dict(meta, env_index=index, version=min(versions))),
                                              protocol=pickle.HIGHEST_PROTOCOL))
+                t0 = LAPS.lap("segment_send", t0)
                 t, versions = 0, []
                 meta = dict(env_steps=0, episodes=0, successes=0, returns=[])
             buf["image"][t], buf["state"][t], buf["tokens"][t] = obs["image"], obs["state"], slots["tokens"][index]
@@ -216,6 +261,7 @@ def _env_worker(conn, index: int, env_cfg: Any, real_proxy: bool, seed: int, env
             buf["behaviour_value"][t] = slots["value"][index]
             versions.append(int(slots["version"][index]))
             actions = slots["actions"][index, :k].copy()
+            LAPS.lap("bookkeeping", t0)
             r = env.run_chunk(actions)
             reward = r.reward
             if r.truncated:  # bootstrap through the time limit with the behaviour value
@@ -224,6 +270,7 @@ def _env_worker(conn, index: int, env_cfg: Any, real_proxy: bool, seed: int, env
                 reward += gamma * float(slots["value"][index])
             buf["reward"][t], buf["done"][t], buf["success"][t] = reward, r.done, r.success
             meta["env_steps"] += r.env_steps
+            steps_done[index] += r.env_steps
             if r.done:
                 meta["episodes"] += 1
                 meta["successes"] += int(r.success)
@@ -253,7 +300,8 @@ class GraphedSampler:
     the default CUDA generator (graph-safe), seeded once: reproducible runs but not the same numbers
     as an eager ``sample`` with a ``torch.Generator``."""
 
-    def __init__(self, policy, image_hw: tuple[int, int], state_dim: int, max_batch: int, seed: int = 0):
+    def __init__(self, policy, image_hw: tuple[int, int], state_dim: int, max_batch: int, seed: int = 0,
+                 autocast_dtype: Optional[torch.dtype] = None):
         self.policy, dev = policy, policy.device
         self.sizes = [1]
         while self.sizes[-1] < max_batch:
@@ -267,12 +315,12 @@ class GraphedSampler:
                    "tokens": torch.ones(B, policy.token_len, dtype=torch.long, device=dev)}
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():
+            with torch.cuda.stream(side), torch.no_grad(), autocast(dev, autocast_dtype, cache=False):
                 for _ in range(2):
                     policy.sample(inp)
             torch.cuda.current_stream().wait_stream(side)
             g = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(g, pool=pool):
+            with torch.no_grad(), torch.cuda.graph(g, pool=pool), autocast(dev, autocast_dtype, cache=False):
                 out = policy.sample(inp)
             pool = g.pool()
             self.graphs[B] = (g, inp, out)
@@ -300,13 +348,25 @@ class ServerStats:
     env_steps: int = 0
     infer_s: float = 0.0
     batch_sizes: list = field(default_factory=list)  # of sample batches, the last 10000
+    infer_by_size: dict = field(default_factory=dict)  # sample batch size -> [seconds, batches]
+    laps: dict = field(default_factory=dict)  # the server thread's sections (common.laps), with profile
 
     def summary(self) -> dict:
+        """The heartbeat's scalars (batch sizes over the last 10000 sample batches)."""
         b = np.asarray(self.batch_sizes or [0])
         return {"batches": self.batches, "requests": self.requests, "value_requests": self.value_requests,
                 "segments": self.segments, "env_steps": self.env_steps,
                 "batch_mean": float(b.mean()), "batch_p50": float(np.median(b)), "batch_max": int(b.max()),
                 "infer_ms_per_batch": 1000 * self.infer_s / max(self.batches, 1)}
+
+
+def server_options(scfg: Any) -> dict:
+    """``InferenceServer`` keyword arguments from ``actor.server`` (configs/actor/default.yaml)."""
+    affinity = scfg.cpu_affinity
+    return dict(batch_wait_ms=float(scfg.batch_wait_ms), full_batch=bool(scfg.full_batch),
+                env_factory=scfg.env_factory, cuda_graphs=bool(scfg.cuda_graphs),
+                autocast_dtype=scfg.autocast_dtype, profile=bool(scfg.profile),
+                cpu_affinity=list(affinity) if affinity is not None and not isinstance(affinity, str) else affinity)
 
 
 class InferenceServer:
@@ -319,9 +379,13 @@ class InferenceServer:
     def __init__(self, policy, env_cfg: Any, num_envs: int, *, rollout_steps: int, gamma: float,
                  real_proxy: bool = False, seed: int = 0, generator_seed: int = 0,
                  batch_wait_ms: float = 1.0, full_batch: bool = False, env_factory: Optional[str] = None,
-                 start_timeout_s: float = 300.0, max_queued_segments: int = 256, cuda_graphs: bool = False):
+                 start_timeout_s: float = 300.0, max_queued_segments: int = 256, cuda_graphs: bool = False,
+                 autocast_dtype: Optional[str] = None, cpu_affinity: Any = None, profile: bool = False):
         self.policy = policy
         self.device = policy.device
+        self.autocast_dtype = autocast_dtype_of(autocast_dtype)
+        self.laps = Laps()
+        self.laps.enabled = bool(profile)
         self.num_envs = int(num_envs)
         self.batch_wait_s = float(batch_wait_ms) / 1000.0
         self.full_batch = bool(full_batch)
@@ -343,14 +407,16 @@ class InferenceServer:
                 env_cfg = OmegaConf.to_yaml(env_cfg, resolve=True)
         except ImportError:  # pragma: no cover
             pass
-        seg = {"exec_horizon": policy.exec_horizon, "gamma": gamma}
+        seg = {"exec_horizon": policy.exec_horizon, "gamma": gamma, "profile": bool(profile)}
         ctx = mp.get_context("spawn")
         seeds = [seed + 100_003 * i for i in range(self.num_envs)]  # as EnvPool: disjoint episode seeds
+        cores = worker_cores(cpu_affinity, self.num_envs, sorted(os.sched_getaffinity(0)))
         self.conns, self.procs = [], []
         for i, s in enumerate(seeds):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_env_worker, daemon=True, name=f"env-worker-{i}",
-                            args=(child, i, env_cfg, real_proxy, s, env_factory or DEFAULT_ENV_FACTORY, seg))
+                            args=(child, i, env_cfg, real_proxy, s, env_factory or DEFAULT_ENV_FACTORY,
+                                  dict(seg, cores=cores[i])))
             p.start()
             child.close()
             self.conns.append(parent)
@@ -371,6 +437,7 @@ class InferenceServer:
         if len({(h["image_hw"], h["state_dim"]) for h in hellos}) != 1:
             self.close()
             raise RuntimeError(f"env workers disagree on observation shapes: {hellos}")
+        self.worker_cores = [h["cores"] for h in hellos]
         h = hellos[0]
         self.spec = SegmentSpec(steps=int(rollout_steps), image_hw=tuple(h["image_hw"]), token_len=policy.token_len,
                                 state_dim=h["state_dim"], chunk_size=policy.chunk_size,
@@ -385,7 +452,7 @@ class InferenceServer:
             try:
                 t0 = time.time()
                 self.graphed = GraphedSampler(policy, self.spec.image_hw, self.spec.state_dim, self.num_envs,
-                                              seed=int(generator_seed))
+                                              seed=int(generator_seed), autocast_dtype=self.autocast_dtype)
                 log.info("captured CUDA graphs of policy.sample for batches %s in %.1f s",
                          self.graphed.sizes, time.time() - t0)
             except Exception:  # a policy that cannot be captured runs eagerly
@@ -426,28 +493,36 @@ class InferenceServer:
     @torch.no_grad()
     def infer(self, sample_idx: list[int], value_idx: list[int]):
         """Run one batch over the given slots and write the results into them."""
-        s = self.slots
+        s, laps = self.slots, self.laps
         for idxs, kind in ((sample_idx, REQ_SAMPLE), (value_idx, REQ_VALUE)):
             if not idxs:
                 continue
+            t = time.perf_counter()
             ix = np.asarray(idxs)
             tokens = np.stack([self._tokens(i) for i in idxs])
             obs = {"image": torch.from_numpy(s["image"][ix]).to(self.device, non_blocking=True),
                    "state": torch.from_numpy(s["state"][ix]).to(self.device, non_blocking=True),
                    "tokens": torch.from_numpy(tokens).long().to(self.device, non_blocking=True)}
             if kind == REQ_SAMPLE:
+                t = laps.lap("prep", t)
                 if self.graphed is not None:
                     out = self.graphed(obs)
                 else:
-                    out = self.policy.sample(obs, generator=self.generator)
+                    with autocast(self.device, self.autocast_dtype):
+                        out = self.policy.sample(obs, generator=self.generator)
+                if laps.enabled and self.device.type == "cuda":  # split the GPU time from the copies back
+                    torch.cuda.synchronize(self.device)
+                t = laps.lap("sample", t)
                 s["actions"][ix] = out.actions.float().cpu().numpy()
                 s["chain"][ix] = out.chain.float().cpu().numpy()
                 s["logp"][ix] = out.log_prob.float().cpu().numpy()
                 s["value"][ix] = out.value.float().cpu().numpy()
                 s["tokens"][ix] = tokens
                 s["version"][ix] = self.version
-            else:
+                laps.lap("writeback", t)
+            else:  # a truncation's bootstrap value enters the reward: float32, not autocast
                 s["value"][ix] = self.policy.value(obs).float().cpu().numpy()
+                laps.lap("value", t)
 
     def _receive(self, conn, i: int, sample: list, value: list):
         """Read every message waiting on worker ``i``'s pipe."""
@@ -490,9 +565,12 @@ class InferenceServer:
             return 0
         index = {id(c): i for i, c in enumerate(self.conns)}
         sample, value = [], []
+        t = time.perf_counter()
         for c in wait_conns(live, timeout):
             self._receive(c, index[id(c)], sample, value)
+        t = self.laps.lap("wait", t)
         if not sample and not value:
+            merge(self.stats.laps, self.laps.take())
             return 0
         n_live = sum(self._alive)
         deadline = None if self.full_batch else time.perf_counter() + self.batch_wait_s
@@ -505,15 +583,21 @@ class InferenceServer:
             for c in wait_conns(rest, rem):
                 self._receive(c, index[id(c)], sample, value)
             n_live = sum(self._alive)
+        t = self.laps.lap("gather", t)
         self._apply_pending_weights()
         t0 = time.perf_counter()
         self.infer(sorted(sample), sorted(value))
-        self.stats.infer_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.stats.infer_s += dt
+        merge(self.stats.infer_by_size, {len(sample): [dt, 1]})
+        t = time.perf_counter()
         for i in sample + value:
             try:
                 self.conns[i].send_bytes(RESULT)
             except (BrokenPipeError, OSError):
                 self._alive[i] = False
+        self.laps.lap("answer", t)
+        merge(self.stats.laps, self.laps.take())
         self.stats.batches += 1
         self.stats.requests += len(sample) + len(value)
         self.stats.value_requests += len(value)
@@ -553,6 +637,13 @@ class InferenceServer:
             return self.segment_queue.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def worker_totals(self) -> tuple[int, dict[str, list]]:
+        """Env steps executed by all workers so far, and (with profile) their sections summed:
+        {section: [seconds, count]} as of each worker's latest request."""
+        s = self.slots
+        laps = {k: [float(s["lap_s"][:, i].sum()), int(s["lap_n"][:, i].sum())] for i, k in enumerate(WORKER_SECTIONS)}
+        return int(s["env_steps"].sum()), {k: v for k, v in laps.items() if v[1]}
 
     @property
     def alive(self) -> int:

@@ -55,14 +55,12 @@ class Actor:
         self.server = None
         self.pool = None
         if str(acfg.get("inference", "local")) == "server" and self.mode == "train":
-            from actors.inference_server import InferenceServer
+            from actors.inference_server import InferenceServer, server_options
 
-            scfg = acfg.get("server") or {}
             self.server = InferenceServer(
                 self.policy, cfg.env, acfg.num_envs, rollout_steps=acfg.rollout_steps, gamma=self.gamma,
                 real_proxy=self.real_proxy, seed=env_seed, generator_seed=cfg.seed + acfg.seed_offset,
-                batch_wait_ms=float(scfg.get("batch_wait_ms", 1.0)), full_batch=bool(scfg.get("full_batch", False)),
-                env_factory=scfg.get("env_factory"), cuda_graphs=bool(scfg.get("cuda_graphs", False)))
+                **server_options(acfg.server))
         else:
             self.pool = EnvPool(cfg.env, acfg.num_envs, real_proxy=self.real_proxy, seed=env_seed)
         self.steps = int(acfg.rollout_steps)

@@ -1,14 +1,18 @@
 """GPU benchmark of the actor's batched inference server and the learner (issue #12).
 
-    python benchmarks/bench_gpu.py --out DIR [--envs 1 4 8 16] [--duration 20] [--policy base]
-                                   [--image 128] [--phases scale lockstep learner async] [--env twin|fake]
-                                   [--cuda-graphs] [key=value Hydra overrides]
-    python benchmarks/bench_gpu.py --compare A/results.json B/results.json --out DIR   (DIR/gpu_scaling.png)
+    python -m benchmarks.bench_gpu [key=value Hydra overrides] --out DIR [--envs 1 4 8 16] [--duration 20]
+                                   [--policy base] [--image 128] [--env twin|fake] [--cuda-graphs]
+                                   [--phases scale profile lockstep learner async]
+                                   [--variant NAME [key=value ...]] ...
+    python -m benchmarks.bench_gpu --compare A/results.json B/results.json --out DIR   (DIR/gpu_scaling.png)
 
 Phases (each prints as it goes and all land in DIR/results.json, DIR/results.md, DIR/*.png):
   scale    ``actors/inference_server.py`` driving N twin env processes (physx_cpu, GPU rendering,
            RGB image x image) with the ``--policy`` compact VLA on the GPU: env-steps/s, scaling
            against N=1, inference batch sizes reached, GPU utilisation (NVML) over the window.
+  profile  the same rows with ``actor.server.profile=true``: per env step, the milliseconds of each
+           section of an env worker's loop (physics, evaluate, render, render_wait, readback, ...,
+           wait_server) and the server's (batch sizes, ms per batch by size): benchmarks/gpu_profile.py.
   lockstep the existing lockstep path (EnvPool + policy.sample on the stacked batch) at the
            largest N, for comparison.
   learner  learner update throughput (``learner.cotrain.train_step``, V-trace PPO, no SFT) on
@@ -18,10 +22,14 @@ Phases (each prints as it goes and all land in DIR/results.json, DIR/results.md,
            serving; each update's weights go to the server between batches), same number of updates:
            wall-clock ratio and policy lag of the trained segments.
 ``--env fake`` swaps the twin for ``FakeTwinEnv`` (CPU smoke test of this script).
+``--variant NAME key=value ...`` (repeatable): scale and profile measure every N for each variant,
+a named set of Hydra overrides on top of the positional ones (e.g. ``--variant skip
+env.observe_every_step=false``); without one, a single variant "default".
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import os
@@ -31,20 +39,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from actors.inference_server import InferenceServer  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.policy import make_policy  # noqa: E402
+from actors.inference_server import InferenceServer, server_options
+from benchmarks.gpu_profile import plot_profile, profile_table, window_profile
+from common.config import load_config
+from common.device import autocast
+from common.policy import make_policy
 
 FAKE = "actors.inference_server:FakeTwinEnv"
 
 
 class GpuMonitor(threading.Thread):
-    """NVML utilisation and memory, sampled every 0.2 s while ``window`` is open."""
+    """NVML utilisation, memory and the number of processes holding a CUDA context (under MPS: its
+    server and clients), sampled every 0.2 s while ``window`` is open."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -61,8 +71,14 @@ class GpuMonitor(threading.Thread):
             if self.recording:
                 u = self.nvml.nvmlDeviceGetUtilizationRates(self.h)
                 m = self.nvml.nvmlDeviceGetMemoryInfo(self.h)
-                self.samples.append((u.gpu, m.used / 2**20))
+                self.samples.append((u.gpu, m.used / 2**20, self.cuda_procs()))
             time.sleep(0.2)
+
+    def cuda_procs(self) -> int:
+        try:
+            return len(self.nvml.nvmlDeviceGetComputeRunningProcesses(self.h))
+        except Exception:  # not every driver lets a container see them
+            return -1
 
     def begin(self):
         self.samples, self.recording = [], True
@@ -70,10 +86,10 @@ class GpuMonitor(threading.Thread):
     def end(self) -> dict:
         self.recording = False
         if not self.samples:
-            return {"gpu_util_mean": None, "gpu_util_max": None, "gpu_mem_mib": None}
+            return {"gpu_util_mean": None, "gpu_util_max": None, "gpu_mem_mib": None, "cuda_procs_max": None}
         a = np.asarray(self.samples)
         return {"gpu_util_mean": float(a[:, 0].mean()), "gpu_util_max": float(a[:, 0].max()),
-                "gpu_mem_mib": float(a[:, 1].max())}
+                "gpu_mem_mib": float(a[:, 1].max()), "cuda_procs_max": int(a[:, 2].max())}
 
 
 def config(args, extra=()):
@@ -82,55 +98,103 @@ def config(args, extra=()):
     return load_config("config", ov)
 
 
-def make_server(args, cfg, policy, n, **kw):
+def make_server(args, cfg, policy, n):
     env_cfg = cfg.env if args.env == "twin" else {"image_size": args.image, "max_episode_steps": 100,
                                                    "step_cost_s": args.fake_step_cost}
+    opts = server_options(cfg.actor.server)
+    if args.env != "twin":
+        opts["env_factory"] = FAKE
     return InferenceServer(policy, env_cfg, n, rollout_steps=cfg.actor.rollout_steps, gamma=cfg.learner.gamma,
-                           seed=1000 * n, generator_seed=n, batch_wait_ms=args.batch_wait_ms,
-                           env_factory=None if args.env == "twin" else FAKE, cuda_graphs=args.cuda_graphs, **kw)
+                           seed=1000 * n, generator_seed=n, **opts)
 
 
-def drain(srv):
-    while srv.get_segment(timeout=0) is not None:
-        pass
+def drain(srv, keep: int = 0) -> list:
+    """Empty the segment queue; returns the last ``keep`` segments."""
+    tail = collections.deque(maxlen=keep)
+    while (item := srv.get_segment(timeout=0)) is not None:
+        tail.append(item)
+    return list(tail)
 
 
-def phase_scale(args, cfg, policy, mon, results):
+@torch.no_grad()
+def logp_gap(policy, segments: list, dtype) -> dict:
+    """Max |behaviour log-prob - the learner's evaluate of the same chain| at the same weights, with a
+    float32 learner and with one under the server's autocast: what PPO's ratio sees at zero lag."""
+    out = {}
+    for name, d in [("fp32", None)] + [("autocast", dtype)] * (dtype is not None):
+        gaps = []
+        for arrays, _ in segments:
+            T = arrays["chain"].shape[0]
+            obs = {k: torch.from_numpy(arrays[k][:T]).to(policy.device) for k in ("image", "state")}
+            obs["tokens"] = torch.from_numpy(arrays["tokens"][:T]).long().to(policy.device)
+            with autocast(policy.device, d):
+                ev = policy.evaluate(obs, torch.from_numpy(arrays["chain"]).to(policy.device))
+            gaps.append((ev.log_prob.float().cpu() - torch.from_numpy(arrays["behaviour_logp"])).abs().max().item())
+        out[f"logp_gap_{name}"] = max(gaps) if gaps else None
+    return out
+
+
+def measure(args, cfg, policy, n, mon) -> dict:
+    """One row: N env workers under ``cfg``, ``args.warmup`` s, then an ``args.duration`` s window."""
+    t0 = time.time()
+    srv = make_server(args, cfg, policy, n)
+    start_s = time.time() - t0
+    try:
+        srv.start()
+        time.sleep(args.warmup)
+        drain(srv)
+        s0, w0 = copy.deepcopy(srv.stats), srv.worker_totals()
+        mon.begin()
+        t0 = time.perf_counter()
+        time.sleep(args.duration)
+        s1, w1 = copy.deepcopy(srv.stats), srv.worker_totals()
+        dt = time.perf_counter() - t0
+        tail = drain(srv, keep=8)
+        g = mon.end()
+        cores = srv.worker_cores
+    finally:
+        srv.close()
+    sizes = np.asarray(s1.batch_sizes[len(s0.batch_sizes):] or [0])
+    batches = s1.batches - s0.batches
+    row = dict(envs=n, start_s=round(start_s, 1), seconds=round(dt, 2),
+               env_steps_per_s=(w1[0] - w0[0]) / dt,  # executed in the window (not shipped: exact)
+               chunks_per_s=(s1.requests - s0.requests - (s1.value_requests - s0.value_requests)) / dt,
+               batch_mean=float(sizes.mean()), batch_p50=float(np.median(sizes)), batch_max=int(sizes.max()),
+               infer_ms_per_batch=1000 * (s1.infer_s - s0.infer_s) / max(batches, 1),
+               server_busy=(s1.infer_s - s0.infer_s) / dt, errors=len(srv.errors),
+               pinned=any(c is not None and len(c) == 1 for c in cores), **g)
+    row.update(logp_gap(policy, tail, srv.autocast_dtype))
+    if w1[1]:
+        row["profile"] = window_profile(w0, w1, s0, s1, sizes, n, dt)
+    return row
+
+
+def phase_scale(args, cfg, policy, mon, results, name="scale", extra=()):
     rows = []
-    for n in args.envs:
-        t0 = time.time()
-        srv = make_server(args, cfg, policy, n)
-        start_s = time.time() - t0
-        try:
-            srv.start()
-            time.sleep(args.warmup)
-            drain(srv)
-            s0 = copy.deepcopy(srv.stats)
-            mon.begin()
-            t0 = time.perf_counter()
-            time.sleep(args.duration)
-            while srv.get_segment(timeout=0) is not None:  # keep the queue short
-                pass
-            dt = time.perf_counter() - t0
-            g = mon.end()
-            s1 = copy.deepcopy(srv.stats)
-        finally:
-            srv.close()
-        sizes = np.asarray(s1.batch_sizes[len(s0.batch_sizes):] or [0])
-        batches = s1.batches - s0.batches
-        row = dict(envs=n, start_s=round(start_s, 1), seconds=round(dt, 2),
-                   env_steps_per_s=(s1.env_steps - s0.env_steps) / dt,
-                   chunks_per_s=(s1.requests - s0.requests - (s1.value_requests - s0.value_requests)) / dt,
-                   batch_mean=float(sizes.mean()), batch_p50=float(np.median(sizes)), batch_max=int(sizes.max()),
-                   infer_ms_per_batch=1000 * (s1.infer_s - s0.infer_s) / max(batches, 1),
-                   server_busy=(s1.infer_s - s0.infer_s) / dt, errors=len(srv.errors), **g)
-        rows.append(row)
-        print(f"[scale] {json.dumps(row)}", flush=True)
-    base = rows[0]["env_steps_per_s"] if rows else 1.0
-    for r in rows:
-        r["speedup_vs_1"] = r["env_steps_per_s"] / max(base, 1e-9)
-        r["efficiency"] = r["speedup_vs_1"] / r["envs"] * rows[0]["envs"]
-    results["scale"] = rows
+    for variant, overrides in args.variants:
+        vcfg = config(args, [*overrides, *extra])
+        vrows = []
+        for n in args.envs:
+            try:
+                row = dict(variant=variant, **measure(args, vcfg, policy, n, mon))
+            except Exception as e:  # one variant that cannot run must not cost the others' rows
+                import traceback
+                traceback.print_exc()
+                results.setdefault("errors", {})[f"{name} {variant} {n}"] = repr(e)
+                continue
+            vrows.append(row)
+            print(f"[{name}] {json.dumps(row)}", flush=True)
+        base = vrows[0]["env_steps_per_s"] if vrows else 1.0
+        for r in vrows:
+            r["speedup_vs_1"] = r["env_steps_per_s"] / max(base, 1e-9)
+            r["efficiency"] = r["speedup_vs_1"] / r["envs"] * vrows[0]["envs"]
+        rows += vrows
+        results[name] = rows
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def phase_profile(args, cfg, policy, mon, results):
+    phase_scale(args, cfg, policy, mon, results, name="profile", extra=["actor.server.profile=true"])
 
 
 def phase_lockstep(args, cfg, policy, mon, results):
@@ -322,19 +386,28 @@ def phase_async(args, cfg, policy, mon, results):
     results["async"] = out
 
 
+def _g(x) -> str:
+    return "-" if x is None else f"{x:.2g}"
+
+
 def write_report(results, out: Path):
     lines = [f"# bench_gpu results ({results['meta']['device_name']}, policy {results['meta']['policy']}, "
              f"{results['meta']['image']}x{results['meta']['image']} RGB)", ""]
-    if "scale" in results:
-        lines += ["| env processes | env-steps/s | x vs 1 | efficiency | batch mean / p50 / max | infer ms/batch "
-                  "| server busy | GPU util mean / max % | GPU mem MiB | start s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in results["scale"]:
-            lines.append(f"| {r['envs']} | {r['env_steps_per_s']:.0f} | {r['speedup_vs_1']:.2f} | {r['efficiency']:.2f} "
-                         f"| {r['batch_mean']:.1f} / {r['batch_p50']:.0f} / {r['batch_max']} | {r['infer_ms_per_batch']:.1f} "
-                         f"| {r['server_busy']:.2f} | {r['gpu_util_mean'] or 0:.0f} / {r['gpu_util_max'] or 0:.0f} "
-                         f"| {r['gpu_mem_mib'] or 0:.0f} | {r['start_s']} |")
+    for phase in ("scale", "profile"):
+        if phase not in results:
+            continue
+        lines += [f"{phase}:", "", "| variant | env processes | env-steps/s | x vs 1 | efficiency | batch mean / p50 / max "
+                  "| infer ms/batch | server busy | GPU util mean / max % | GPU mem MiB | CUDA procs "
+                  "| logp gap fp32 / autocast | start s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results[phase]:
+            lines.append(f"| {r.get('variant', 'default')} | {r['envs']} | {r['env_steps_per_s']:.0f} | {r['speedup_vs_1']:.2f} "
+                         f"| {r['efficiency']:.2f} | {r['batch_mean']:.1f} / {r['batch_p50']:.0f} / {r['batch_max']} "
+                         f"| {r['infer_ms_per_batch']:.1f} | {r['server_busy']:.2f} | {r['gpu_util_mean'] or 0:.0f} / "
+                         f"{r['gpu_util_max'] or 0:.0f} | {r['gpu_mem_mib'] or 0:.0f} | {r.get('cuda_procs_max')} "
+                         f"| {_g(r.get('logp_gap_fp32'))} / {_g(r.get('logp_gap_autocast'))} | {r['start_s']} |")
         lines.append("")
+    if "profile" in results:
+        lines += profile_table(results["profile"])
     if "lockstep" in results:
         r = results["lockstep"]
         lines += [f"Lockstep EnvPool path, {r['envs']} envs: {r['env_steps_per_s']:.0f} env-steps/s "
@@ -358,6 +431,7 @@ def write_report(results, out: Path):
                          f"| {r['gpu_util_mean'] or 0:.0f} |")
         lines += ["", f"Asynchronous vs synchronous wall clock for the same updates: "
                       f"{a['speedup_async_vs_sync']:.2f}x faster.", ""]
+    lines += [f"Error in {k}: {v}" for k, v in results.get("errors", {}).items()]
     (out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines), flush=True)
 
@@ -369,12 +443,17 @@ def plot(results, out: Path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    if "scale" not in results:
+    if "profile" in results:
+        plot_profile(results["profile"], out / "profile.png")
+    rows = results.get("scale") or results.get("profile")
+    if not rows:
         return
-    rows = results["scale"]
-    n = [r["envs"] for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(n, [r["env_steps_per_s"] for r in rows], "o-", label="inference server")
+    for v in dict.fromkeys(r.get("variant", "default") for r in rows):
+        vr = [r for r in rows if r.get("variant", "default") == v]
+        ax[0].plot([r["envs"] for r in vr], [r["env_steps_per_s"] for r in vr], "o-", label=f"server: {v}")
+    rows = [r for r in rows if r.get("variant", "default") == rows[0].get("variant", "default")]
+    n = [r["envs"] for r in rows]
     ax[0].plot(n, [rows[0]["env_steps_per_s"] * x / n[0] for x in n], "--", color="grey", label="linear")
     if "lockstep" in results:
         ax[0].plot([results["lockstep"]["envs"]], [results["lockstep"]["env_steps_per_s"]], "s", label="lockstep")
@@ -439,8 +518,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=8.0)
-    p.add_argument("--batch-wait-ms", type=float, default=1.0)
-    p.add_argument("--cuda-graphs", action="store_true", help="server samples through CUDA graphs")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="actor.server.batch_wait_ms")
+    p.add_argument("--cuda-graphs", action="store_true", help="actor.server.cuda_graphs=true")
+    p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "OVERRIDE"),
+                   help="a named set of Hydra overrides measured by scale/profile (repeatable)")
     p.add_argument("--learner-duration", type=float, default=10.0)
     p.add_argument("--learner-batches", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="+",
                    default=[(16, 16), (64, 32)], help="segments x micro-batch, e.g. 16x16 64x32")
@@ -449,6 +530,9 @@ def main(argv=None):
     p.add_argument("--async-updates", type=int, default=20)
     p.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
     args = p.parse_args(argv)
+    args.overrides += [f"actor.server.batch_wait_ms={args.batch_wait_ms}"] * (args.batch_wait_ms is not None)
+    args.overrides += ["actor.server.cuda_graphs=true"] * args.cuda_graphs
+    args.variants = [(v[0], v[1:]) for v in args.variant or [["default"]]]
     args.out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -460,11 +544,15 @@ def main(argv=None):
                             device_name=torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
                             cpus=os.cpu_count(), torch=torch.__version__, params=policy.num_parameters(),
                             rollout_steps=args.rollout_steps, exec_horizon=policy.exec_horizon,
-                            batch_wait_ms=args.batch_wait_ms, cuda_graphs=args.cuda_graphs, time=time.strftime("%Y-%m-%d %H:%M:%S"))}
+                            batch_wait_ms=cfg.actor.server.batch_wait_ms, cuda_graphs=args.cuda_graphs,
+                            overrides=args.overrides, variants=dict(args.variants),
+                            mps=os.environ.get("TANDEM_MPS") == "1",  # scripts/device/mps.sh
+                            time=time.strftime("%Y-%m-%d %H:%M:%S"))}
     print(f"[bench_gpu] {results['meta']}", flush=True)
     mon = GpuMonitor()
     mon.start()
-    phases = {"scale": phase_scale, "lockstep": phase_lockstep, "learner": phase_learner, "async": phase_async}
+    phases = {"scale": phase_scale, "profile": phase_profile, "lockstep": phase_lockstep, "learner": phase_learner,
+              "async": phase_async}
     for name in args.phases:
         t0 = time.time()
         try:

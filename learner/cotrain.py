@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from common.device import autocast, autocast_dtype
 from learner.ppo import ppo_loss
 
 MAX_REDUCED = ("train/ratio_max",)
@@ -141,6 +142,7 @@ def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
     if co_train and real_replay is None:
         raise ValueError("use_real_data_co_training is on but no real replay was given")
     policy.train()
+    amp = autocast_dtype(cfg.get("autocast_dtype"))
     per_micro, weights, grad_norms, real_samples = [], [], [], 0
     target_kl, epochs_done, skipped = cfg.get("target_kl"), 0, 0
     for epoch in range(cfg.update_epoch):
@@ -153,7 +155,8 @@ def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
                 real_batch = real_replay.sample(max(1, math.ceil(cfg.real_batch_size * share)),
                                                 policy.chunk_size, rng)
                 real_samples += len(real_batch["task"])
-            out = cotrain_loss(policy, micro, real_batch, cfg, critic_only)
+            with autocast(policy.device, amp):
+                out = cotrain_loss(policy, micro, real_batch, cfg, critic_only)
             (out.total * share).backward()
             per_micro.append(out.stats)
             weights.append(share)

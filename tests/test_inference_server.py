@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.inference_server import FakeTwinEnv, InferenceServer, RequestSlots, slot_layout
+from actors.inference_server import FakeTwinEnv, InferenceServer, RequestSlots, slot_layout, worker_cores
 from common.config import load_config
+from common.device import autocast
 from common.policy import make_policy
 
 FAKE = "actors.inference_server:FakeTwinEnv"
@@ -112,6 +113,76 @@ def test_server_matches_lockstep_sample(policy):
                                       "tokens": torch.from_numpy(arrays["tokens"][:T]).long()},
                                      torch.from_numpy(arrays["chain"]))
             np.testing.assert_allclose(ev.log_prob.numpy(), arrays["behaviour_logp"], rtol=1e-4, atol=1e-2)
+
+
+def collect(srv, n: int) -> list:
+    """``n`` segments from a started server."""
+    out = []
+    while len(out) < n:
+        item = srv.get_segment(timeout=30)
+        assert item is not None, f"no segment; server errors: {srv.errors}"
+        out.append(item)
+    return out
+
+
+def test_worker_cores():
+    assert worker_cores(None, 2, [0, 1]) == [None, None]
+    assert worker_cores("auto", 3, [4, 2]) == [[2], [4], [2]]
+    assert worker_cores([5, 7], 3, [0]) == [[5], [7], [5]]
+    for bad in ("all", []):
+        with pytest.raises(ValueError):
+            worker_cores(bad, 2, [0])
+
+
+def test_pinned_profiled_server(policy):
+    """cpu_affinity=auto: worker i runs on the i-th allowed core only; profile=true: every worker's
+    loop sections arrive with its segments, the server's own sections and batch sizes are counted."""
+    import os
+
+    allowed = sorted(os.sched_getaffinity(0))
+    srv = InferenceServer(policy, dict(ENV_CFG, step_cost_s=0.001), 2, rollout_steps=T, gamma=GAMMA, seed=SEED,
+                          env_factory=FAKE, cpu_affinity="auto", profile=True)
+    try:
+        assert srv.worker_cores == [[allowed[0]], [allowed[1 % len(allowed)]]]
+        srv.start()
+        collect(srv, 4)
+        steps, w = srv.worker_totals()
+    finally:
+        srv.close()
+    assert steps >= srv.stats.env_steps > 0  # executed >= shipped
+    # each worker published its totals with its latest request, at most one chunk ago
+    assert steps - 2 * policy.exec_horizon <= w["physics"][1] <= steps
+    assert w["physics"][0] >= 0.001 * w["physics"][1]  # FakeTwinEnv sleeps 1 ms a step
+    for k in ("ipc_send", "wait_server", "bookkeeping", "segment_send"):
+        assert w[k][1] > 0, k
+    assert srv.stats.laps["sample"][1] == sum(c for b, (_, c) in srv.stats.infer_by_size.items() if b) > 0
+    assert set(srv.stats.laps) >= {"wait", "gather", "prep", "writeback", "answer"}
+
+
+def test_bf16_server_log_probs_are_float32_and_a_bf16_evaluate_agrees(policy):
+    """autocast_dtype=bfloat16: chains and log-probs come back float32, and the learner's evaluate
+    under the same autocast gives the stored log-prob within 0.05 (a ratio within 5 %, a quarter of
+    PPO's 0.2 clip). A float32 evaluate differs by more: the option is in effect, and the learner
+    must share the dtype (actor.server.autocast_dtype follows learner.autocast_dtype)."""
+    srv = InferenceServer(policy, ENV_CFG, 2, rollout_steps=T, gamma=GAMMA, seed=SEED, env_factory=FAKE,
+                          autocast_dtype="bfloat16")
+    try:
+        srv.start()
+        segments = collect(srv, 4)
+    finally:
+        srv.close()
+    gap_bf16, gap_fp32 = [], []
+    for arrays, _ in segments:
+        assert arrays["behaviour_logp"].dtype == np.float32 and arrays["chain"].dtype == np.float32
+        obs = {"image": torch.from_numpy(arrays["image"][:T]), "state": torch.from_numpy(arrays["state"][:T]),
+               "tokens": torch.from_numpy(arrays["tokens"][:T]).long()}
+        chain, logp = torch.from_numpy(arrays["chain"]), torch.from_numpy(arrays["behaviour_logp"])
+        with torch.no_grad():
+            with autocast(policy.device, torch.bfloat16):
+                gap_bf16.append((policy.evaluate(obs, chain).log_prob - logp).abs().max().item())
+            gap_fp32.append((policy.evaluate(obs, chain).log_prob - logp).abs().max().item())
+    assert max(gap_bf16) <= 0.05, gap_bf16
+    assert max(gap_fp32) > 0.05, gap_fp32
 
 
 def test_actor_server_mode_dry_run(tmp_path):

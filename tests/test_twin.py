@@ -181,3 +181,72 @@ def test_dataset_round_trip(tmp_path):
     with make_env(cfg, obs_mode="rgb") as env:
         obs, _ = env.reset(seed=0)
     np.testing.assert_allclose(ds[0][IMAGE_KEY].permute(1, 2, 0).numpy() * 255, obs["image"], atol=1)
+
+
+@pytest.mark.parametrize("readback", ["device", "host"])
+def test_step_is_maniskills_step_taken_apart(readback):
+    """TwinEnv renders itself (BaseEnv.step in timed parts) and gives what ManiSkill's own rgb env
+    gives: same images, state and rewards, with either readback (on a GPU renderer "host" is the
+    renderer's download, "device" ManiSkill's CUDA path); observe=False skips the observation but
+    not the episode end's (issue #20)."""
+    from common.twin.task import to_dict
+    from common.twin.wrappers import make_task
+
+    cfg = env_cfg("env.reward_mode=dense", "env.max_episode_steps=7", f"env.camera.readback={readback}")
+    ours, ref = make_env(cfg, obs_mode="rgb"), make_task(to_dict(cfg), obs_mode="rgb")
+    uid = cfg.camera.uid
+    rng = np.random.default_rng(0)
+    try:
+        obs, _ = ours.reset(seed=5)
+        raw, _ = ref.reset(seed=5)
+        np.testing.assert_array_equal(obs["image"], raw["sensor_data"][uid]["rgb"][0].cpu().numpy())
+        for i in range(7):
+            action = rng.uniform(ours.action_space.low, ours.action_space.high).astype(np.float32)
+            obs, reward, terminated, truncated, info = ours.step(action, observe=i % 3 == 2)
+            raw, ref_reward, *_ = ref.step(action[None])
+            assert reward == pytest.approx(float(ref_reward[0]), abs=1e-6) and reward != 0.0
+            if i % 3 == 2 or i == 6:  # observed, or the time limit's final observation
+                np.testing.assert_array_equal(obs["image"], raw["sensor_data"][uid]["rgb"][0].cpu().numpy())
+                np.testing.assert_array_equal(obs["state"], ref.proprio()[0].cpu().numpy())
+                assert info["privileged"] is not None
+            else:
+                assert obs is None and info["privileged"] is None
+        assert truncated and not terminated
+    finally:
+        ours.close()
+        ref.close()
+
+
+def test_chunk_runner_renders_only_what_the_policy_reads():
+    """env.observe_every_step=false: an actor's chunks give the same observations, rewards, episode
+    ends and truncation observations with one render pass per chunk (plus episode ends)."""
+    from actors.env_pool import _SingleEnv
+    from common.laps import LAPS
+
+    runners = {flag: _SingleEnv(env_cfg("env.max_episode_steps=10", f"env.observe_every_step={flag}"), False, 3)
+               for flag in ("true", "false")}
+    rng = np.random.default_rng(1)
+    chunks = [rng.uniform(-0.03, 0.03, (4, 7)).astype(np.float32) for _ in range(4)]
+    results, renders = {}, {}
+    LAPS.enabled = True
+    try:
+        for flag, runner in runners.items():
+            LAPS.take()
+            results[flag] = [runner.reset()] + [runner.run_chunk(a) for a in chunks]
+            renders[flag] = LAPS.take()["render"][1]
+    finally:
+        LAPS.enabled = False
+        for runner in runners.values():
+            runner.close()
+    (obs_a, _), (obs_b, _) = results["true"][0], results["false"][0]
+    np.testing.assert_array_equal(obs_a["image"], obs_b["image"])
+    for a, b in zip(results["true"][1:], results["false"][1:]):
+        np.testing.assert_array_equal(a.obs["image"], b.obs["image"])
+        np.testing.assert_array_equal(a.obs["state"], b.obs["state"])
+        assert (a.reward, a.done, a.truncated, a.instruction) == (b.reward, b.done, b.truncated, b.instruction)
+        if a.done:
+            np.testing.assert_array_equal(a.final_obs["image"], b.final_obs["image"])
+    assert [r.truncated for r in results["true"][1:]] == [False, False, True, False]
+    # the first reset, 14 steps (the episode ends at step 10, the 2nd of chunk 3, which stops there)
+    # and the next reset: 1 + 14 + 1, or 1 + the last steps of chunks 1, 2, 4 + the episode's end + 1
+    assert renders == {"true": 1 + 14 + 1, "false": 1 + 3 + 1 + 1}

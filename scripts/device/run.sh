@@ -3,7 +3,7 @@
 # Runs CMD in the repository root with the carried packages on the path, offline, NVLink multicast
 # off, and nvidia-smi's view before and after. Example (the third call of docs/gpu.md):
 #   bash scripts/device/device_install.sh .devcarry/chunk3 && \
-#   bash scripts/device/run.sh python3 benchmarks/bench_gpu.py --out $OUT
+#   bash scripts/device/run.sh python3 -m benchmarks.bench_gpu --out $OUT
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ -f /tmp/ms_env.sh ] || { echo "[run.sh] /tmp/ms_env.sh missing: run device_install.sh for every chunk first"; exit 1; }
