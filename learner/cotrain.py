@@ -12,9 +12,10 @@ large, which is the right alarm) when L_RL is exactly 0; it is 0 when co-trainin
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import numpy as np
 import torch
@@ -53,7 +54,8 @@ class CoTrainLoss:
 
 
 def cotrain_loss(policy, sim_batch: dict, real_batch: Optional[dict], cfg, critic_only: bool = False) -> CoTrainLoss:
-    """total = L_RL + beta * L_SFT; with ``critic_only`` (critic warm-up) just vf_coef * value loss."""
+    """total = L_RL + beta * L_SFT, the SFT term on ``real_batch`` (None: plain PPO); with
+    ``critic_only`` (critic warm-up) just vf_coef * value loss."""
     rl = ppo_loss(policy, sim_batch, cfg)
     stats = {f"train/{k}": v for k, v in rl.stats.items()}
     stats["train/rl_loss"] = rl.loss.detach()
@@ -61,9 +63,7 @@ def cotrain_loss(policy, sim_batch: dict, real_batch: Optional[dict], cfg, criti
         total = cfg.vf_coef * rl.value_loss
         stats["actor/total_loss"] = total.detach()
         return CoTrainLoss(total, rl.loss, None, stats)
-    if cfg.use_real_data_co_training:
-        if real_batch is None:
-            raise ValueError("use_real_data_co_training is on but no real batch was given")
+    if real_batch is not None:
         sft = policy.sft_loss(*sft_inputs(policy, real_batch, rl.loss.device))
         total = rl.loss + cfg.sft_loss_weight * sft
         stats["train/sft_loss"] = sft.detach()
@@ -73,9 +73,28 @@ def cotrain_loss(policy, sim_batch: dict, real_batch: Optional[dict], cfg, criti
     return CoTrainLoss(total, rl.loss, sft, stats)
 
 
-def reduce_stats(per_micro_batch: list[dict[str, torch.Tensor]], weights: list[float], cfg) -> dict[str, float]:
-    """Weighted mean over micro-batches (max/min for the ratio extremes), one device sync, then
-    ``train/loss_ratio`` from the mean losses."""
+class CoTrainLossModule(torch.nn.Module):
+    """The co-training loss as one forward, so that DDP sees exactly one forward per backward
+    (``ppo_loss`` calls several policy methods, not ``policy.forward``)."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, sim_batch: dict, real_batch: Optional[dict], cfg, critic_only: bool = False):
+        out = cotrain_loss(self.policy, sim_batch, real_batch, cfg, critic_only)
+        return out.total, out.stats
+
+
+def with_loss_ratio(stats: dict[str, float], cfg) -> dict[str, float]:
+    """``train/loss_ratio`` from the (already reduced) mean losses; 0 without an SFT term."""
+    stats["train/loss_ratio"] = (loss_ratio(cfg.sft_loss_weight, stats["train/sft_loss"], stats["train/rl_loss"],
+                                            cfg.loss_ratio_eps) if "train/sft_loss" in stats else 0.0)
+    return stats
+
+
+def reduce_stats(per_micro_batch: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, float]:
+    """Weighted mean over micro-batches (max/min for the ratio extremes), one device sync."""
     keys = list(per_micro_batch[0])
     values = torch.stack([torch.stack([s[k].float() for k in keys]) for s in per_micro_batch]).cpu().numpy()
     w = np.asarray(weights, dtype=np.float64)[:, None] / sum(weights)
@@ -85,8 +104,6 @@ def reduce_stats(per_micro_batch: list[dict[str, torch.Tensor]], weights: list[f
             out[k] = float(values[:, i].max())
         elif k in MIN_REDUCED:
             out[k] = float(values[:, i].min())
-    out["train/loss_ratio"] = (loss_ratio(cfg.sft_loss_weight, out["train/sft_loss"], out["train/rl_loss"],
-                                          cfg.loss_ratio_eps) if "train/sft_loss" in out else 0.0)
     return out
 
 
@@ -129,18 +146,46 @@ def step_is_finite(grad_norm: torch.Tensor, epoch_stats: list[dict[str, torch.Te
     return torch.isfinite(torch.cat(values)).all()
 
 
+@dataclass(frozen=True)
+class GradSync:
+    """How one optimiser step is shared by data-parallel ranks (``learner.distributed``); the
+    defaults are one rank, where every hook is the identity."""
+    # around each micro-batch but an epoch's last: accumulate locally, all-reduce once per step
+    no_sync: Callable[[], ContextManager] = contextlib.nullcontext
+    any_rank: Callable[[bool], bool] = bool  # a decision every rank must take alike
+    reduce: Callable[[dict], dict] = dict  # this rank's stats -> the global batch's
+    sum_over_ranks: Callable[[float], float] = float
+
+
+ONE_RANK = GradSync()
+RealBatches = Callable[[int, int, int], dict]  # (epoch, micro-batch, samples) -> a real batch
+
+
 def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
-               real_replay=None, rng: Optional[np.random.Generator] = None, critic_only: bool = False) -> dict[str, float]:
-    """``cfg.update_epoch`` optimiser steps on one sim batch. Each step accumulates gradients over
-    micro-batches of ``cfg.micro_batch_size`` segments (each with its share of
-    ``cfg.real_batch_size`` real samples), clips the global grad norm to ``cfg.clip_grad`` and
-    steps. Returns the logged stats averaged over all micro-batches (``train/real_samples``: real
+               real_replay=None, rng: Optional[np.random.Generator] = None, critic_only: bool = False,
+               co_train: Optional[bool] = None) -> dict[str, float]:
+    """One update on one process: ``optimizer_update`` with real samples drawn from ``real_replay``.
+    ``co_train`` (default ``cfg.use_real_data_co_training``) adds the SFT term."""
+    co_train = bool(cfg.use_real_data_co_training) if co_train is None else co_train
+    if co_train and not critic_only and real_replay is None:
+        raise ValueError("use_real_data_co_training is on but no real replay was given")
+    real = (lambda epoch, micro, n: real_replay.sample(n, policy.chunk_size, rng)) if co_train else None
+    return optimizer_update(CoTrainLossModule(policy), policy, optimizer, sim_batch, cfg, real, critic_only)
+
+
+def optimizer_update(model: torch.nn.Module, policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
+                     real_batches: Optional[RealBatches], critic_only: bool = False,
+                     sync: GradSync = ONE_RANK) -> dict[str, float]:
+    """``cfg.update_epoch`` optimiser steps on one (shard of a) sim batch, for 1..N ranks. Each step
+    accumulates gradients over micro-batches of ``cfg.micro_batch_size`` segments (each with its
+    share of ``cfg.real_batch_size`` real samples from ``real_batches``; None: plain PPO), clips
+    the global grad norm to ``cfg.clip_grad`` and steps; a step whose loss or gradient is not
+    finite on any rank is skipped on all. ``model``: ``CoTrainLossModule`` (wrapped for data
+    parallelism). Returns the logged stats of the global batch (``train/real_samples``: real
     samples drawn, summed)."""
     micro_batches = split_segments(sim_batch, cfg.micro_batch_size)
     num_segments = sim_batch["reward"].shape[1]
-    co_train = bool(cfg.use_real_data_co_training) and not critic_only
-    if co_train and real_replay is None:
-        raise ValueError("use_real_data_co_training is on but no real replay was given")
+    co_train = real_batches is not None and not critic_only
     policy.train()
     amp = autocast_dtype(cfg.get("autocast_dtype"))
     per_micro, weights, grad_norms, real_samples = [], [], [], 0
@@ -148,38 +193,40 @@ def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
     for epoch in range(cfg.update_epoch):
         optimizer.zero_grad(set_to_none=True)
         first_micro = len(per_micro)
-        for micro in micro_batches:
+        for i, micro in enumerate(micro_batches):
             share = micro["reward"].shape[1] / num_segments
             real_batch = None
             if co_train:
-                real_batch = real_replay.sample(max(1, math.ceil(cfg.real_batch_size * share)),
-                                                policy.chunk_size, rng)
+                real_batch = real_batches(epoch, i, max(1, math.ceil(cfg.real_batch_size * share)))
                 real_samples += len(real_batch["task"])
-            with autocast(policy.device, amp):
-                out = cotrain_loss(policy, micro, real_batch, cfg, critic_only)
-            (out.total * share).backward()
-            per_micro.append(out.stats)
+            last = i == len(micro_batches) - 1
+            with (contextlib.nullcontext() if last else sync.no_sync()):
+                with autocast(policy.device, amp):
+                    total, stats = model(micro, real_batch, cfg, critic_only)
+                (total * share).backward()
+            per_micro.append(stats)
             weights.append(share)
         if target_kl and epoch > 0:
             # early stop (PPO's target KL): this epoch's forward pass already moved too far from the
             # behaviour policy, so its step is skipped and the update ends
             kl = sum(w * float(s["train/approx_kl"]) for s, w in zip(per_micro[first_micro:], weights[first_micro:]))
-            if kl > target_kl:
+            if sync.any_rank(kl > target_kl):
                 del per_micro[first_micro:], weights[first_micro:]
                 optimizer.zero_grad(set_to_none=True)
                 break
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).detach()
-        if not bool(step_is_finite(grad_norm, per_micro[first_micro:])):  # no step: the weights stay finite
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # fsdp: a DTensor
+        if sync.any_rank(not bool(step_is_finite(grad_norm, per_micro[first_micro:]))):  # the weights stay finite
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
             continue
-        grad_norms.append(grad_norm)
+        grad_norms.append(grad_norm)  # identical on every rank: the gradients are
         optimizer.step()
         epochs_done += 1
-    stats = reduce_stats(per_micro, weights, cfg)
+    stats = with_loss_ratio(sync.reduce(reduce_stats(per_micro, weights)), cfg)
     stats["train/epochs_done"] = float(epochs_done)
     stats["train/skipped_nonfinite_steps"] = float(skipped)
     stats["train/grad_norm"] = float(torch.stack(grad_norms).float().mean()) if grad_norms else float("nan")
     stats["train/lr"] = float(optimizer.param_groups[0]["lr"])
-    stats["train/real_samples"] = float(real_samples)  # drawn over all epochs, for the learner's counters
+    stats["train/real_samples"] = sync.sum_over_ranks(float(real_samples))  # for the learner's counters
     return stats

@@ -11,7 +11,8 @@ Design (rank 0 leads, the others follow):
   from its replay (``real_batch_size / N`` per rank, in the order one rank would have drawn them)
   and scatters shard r to rank r. Real samples come from rank 0 too, so live episodes that the
   collector streams in reach every rank and the demonstrations sit in memory once per host.
-- every rank runs the same ``data_parallel_train_step`` on its shard: a forward/backward of the
+- every rank runs the one train step of every learner (``cotrain.optimizer_update``, here through
+  ``data_parallel_train_step``'s ``GradSync`` hooks) on its shard: a forward/backward of the
   co-training loss per micro-batch, DDP averages the gradients (all-reduce in the backward of
   each epoch's last micro-batch), then the same clip and optimiser step on identical gradients,
   so the replicas stay identical without any weight broadcast between ranks.
@@ -56,8 +57,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from learner.cotrain import MAX_REDUCED, MIN_REDUCED, cotrain_loss, loss_ratio, make_optimizer, reduce_stats, \
-    split_segments, step_is_finite
+from learner.cotrain import MAX_REDUCED, MIN_REDUCED, CoTrainLossModule, GradSync, make_optimizer, \
+    optimizer_update, split_segments
 
 log = logging.getLogger("tandem.learner.distributed")
 
@@ -93,19 +94,6 @@ def init(dcfg, device_name: str) -> Context:
         dist.init_process_group(backend, timeout=timeout, device_id=device if use_cuda else None)
     data_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     return Context(rank, world_size, device, data_group)
-
-
-class CoTrainLossModule(torch.nn.Module):
-    """The co-training loss as one forward, so that DDP sees exactly one forward per backward
-    (``ppo_loss`` calls several policy methods, not ``policy.forward``)."""
-
-    def __init__(self, policy: torch.nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, sim_batch: dict, real_batch: Optional[dict], cfg):
-        out = cotrain_loss(self.policy, sim_batch, real_batch, cfg)
-        return out.total, out.stats
 
 
 def wrap(policy: torch.nn.Module, dcfg) -> torch.nn.Module:
@@ -174,50 +162,14 @@ def to_device(tree, device: torch.device):
 def data_parallel_train_step(model: torch.nn.Module, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
                              sim_shard: dict, real_batches: Optional[list[list[dict]]], rank_cfg,
                              group: dist.ProcessGroup) -> dict[str, float]:
-    """``cotrain.train_step`` on this rank's shard, with gradients averaged over ranks.
+    """``cotrain.optimizer_update`` on this rank's shard, with gradients averaged over ranks.
 
     ``real_batches[epoch][micro]``: the real samples of each micro-batch (None: PPO only).
     Returns the statistics of the global batch (identical on every rank)."""
-    micro_batches = split_segments(sim_shard, rank_cfg.micro_batch_size)
-    num_segments = sim_shard["reward"].shape[1]
-    co_train = real_batches is not None
-    cfg = OmegaConf.merge(rank_cfg, {"use_real_data_co_training": co_train})
-    policy.train()
-    per_micro, weights, grad_norms, real_samples, skipped = [], [], [], 0, 0
-    for epoch in range(cfg.update_epoch):
-        optimizer.zero_grad(set_to_none=True)
-        first_micro = len(per_micro)
-        for i, micro in enumerate(micro_batches):
-            share = micro["reward"].shape[1] / num_segments
-            real_batch = real_batches[epoch][i] if co_train else None
-            real_samples += len(real_batch["task"]) if co_train else 0
-            last = i == len(micro_batches) - 1
-            with no_grad_sync(model) if not last else contextlib.nullcontext():  # one all-reduce per optimiser step
-                total, stats = model(micro, real_batch, cfg)
-                (total * share).backward()
-            per_micro.append(stats)
-            weights.append(share)
-        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).detach()
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # fsdp: a DTensor
-        # every rank must decide alike or the replicas diverge: a non-finite loss or gradient on
-        # any rank skips the step on all of them (as cotrain.train_step does on one)
-        if any_rank(not bool(step_is_finite(norm, per_micro[first_micro:])), group):
-            optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-            continue
-        grad_norms.append(norm)
-        optimizer.step()
-    local = reduce_stats(per_micro, weights, cfg)
-    stats = reduce_over_ranks(local, cfg, group)
-    # identical gradients on every rank
-    stats["train/grad_norm"] = float(torch.stack(grad_norms).float().mean()) if grad_norms else float("nan")
-    stats["train/epochs_done"] = float(cfg.update_epoch - skipped)
-    stats["train/skipped_nonfinite_steps"] = float(skipped)
-    stats["train/lr"] = float(optimizer.param_groups[0]["lr"])
-    counts = torch.tensor([float(real_samples)])
-    dist.all_reduce(counts, group=group)
-    stats["train/real_samples"] = float(counts.item())
-    return stats
+    sync = GradSync(no_sync=lambda: no_grad_sync(model), any_rank=lambda flag: any_rank(flag, group),
+                    reduce=lambda stats: reduce_over_ranks(stats, group), sum_over_ranks=lambda n: sum_over_ranks(n, group))
+    real = (lambda epoch, micro, n: real_batches[epoch][micro]) if real_batches is not None else None
+    return optimizer_update(model, policy, optimizer, sim_shard, rank_cfg, real, sync=sync)
 
 
 def any_rank(flag: bool, group: dist.ProcessGroup) -> bool:
@@ -227,9 +179,15 @@ def any_rank(flag: bool, group: dist.ProcessGroup) -> bool:
     return bool(t.item())
 
 
-def reduce_over_ranks(local: dict[str, float], cfg, group: dist.ProcessGroup) -> dict[str, float]:
-    """Mean over ranks (equal shards), max/min for the ratio extremes; ``train/loss_ratio`` recomputed."""
-    keys = [k for k in local if k != "train/loss_ratio"]
+def sum_over_ranks(value: float, group: dist.ProcessGroup) -> float:
+    t = torch.tensor([float(value)])
+    dist.all_reduce(t, group=group)
+    return float(t.item())
+
+
+def reduce_over_ranks(local: dict[str, float], group: dist.ProcessGroup) -> dict[str, float]:
+    """Mean over ranks (equal shards), max/min for the ratio extremes."""
+    keys = list(local)
     world = dist.get_world_size(group)
     values = torch.tensor([local[k] for k in keys], dtype=torch.float64)
     total = values.clone()
@@ -241,8 +199,6 @@ def reduce_over_ranks(local: dict[str, float], cfg, group: dist.ProcessGroup) ->
             extreme = values[idx].clone()
             dist.all_reduce(extreme, op=op, group=group)
             out.update(zip([keys[i] for i in idx], extreme.tolist()))
-    out["train/loss_ratio"] = (loss_ratio(cfg.sft_loss_weight, out["train/sft_loss"], out["train/rl_loss"],
-                                          cfg.loss_ratio_eps) if "train/sft_loss" in out else 0.0)
     return out
 
 
@@ -356,10 +312,10 @@ class LeaderMixin:
         log.info("data-parallel learner: rank 0 of %d, %s, %s", ctx.world_size, ctx.device,
                  self.cfg.learner.distributed.strategy)
 
-    def step(self, batch: dict, cfg, critic_only: bool = False) -> dict:
+    def step(self, batch: dict, co_train: bool, critic_only: bool = False) -> dict:
         # critic_only is never set here: per_rank_config refuses critic_warmup_updates
-        new_version = (self.counters.updates + 1) % cfg.weight_sync_interval == 0  # as Learner.train_once
-        return self.trainer.lead(batch, bool(cfg.use_real_data_co_training), self.replay, self.rng, gather=new_version)
+        new_version = (self.counters.updates + 1) % self.cfg.learner.weight_sync_interval == 0  # as Learner.train_once
+        return self.trainer.lead(batch, co_train, self.replay, self.rng, gather=new_version)
 
     def run(self) -> int:
         try:

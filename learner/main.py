@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from common.channels import WeightPublisher, check_server_security
 from common.config import LEARNER_STOPPED_ON_TRAIN_ERRORS, run_with_config
@@ -149,9 +149,10 @@ class Learner:
                                keep=self.cfg.learner.keep_checkpoints)
         log.info("checkpoint %s", path)
 
-    def step(self, batch: dict, cfg, critic_only: bool = False) -> dict:
+    def step(self, batch: dict, co_train: bool, critic_only: bool = False) -> dict:
         """One update on a sim batch (``learner.distributed`` shards it over ranks instead)."""
-        return train_step(self.policy, self.optimizer, batch, cfg, self.replay, self.rng, critic_only)
+        return train_step(self.policy, self.optimizer, batch, self.cfg.learner, self.replay, self.rng, critic_only,
+                          co_train=co_train)
 
     def train_once(self) -> bool:
         with self.batch_lock:
@@ -164,10 +165,9 @@ class Learner:
         co_train = self.co_train and self.replay is not None and self.replay.size()["frames"] > 0
         if self.co_train and not co_train and self.counters.updates == 0:
             log.warning("co-training is on but the real replay is empty: PPO only until real data arrives")
-        step_cfg = OmegaConf.merge(lcfg, {"use_real_data_co_training": co_train}) if co_train != self.co_train else lcfg
         critic_only = self.counters.updates < lcfg.critic_warmup_updates  # the value head learns first
         t0 = time.time()
-        stats = self.step(batch, step_cfg, critic_only)
+        stats = self.step(batch, co_train, critic_only)
         T, B = batch["reward"].shape
         self.counters.updates += 1
         self.counters.sim_samples += T * B

@@ -12,7 +12,8 @@ from common.device import autocast
 from common.policy import make_policy
 from common.segment import SegmentSpec
 from learner.batcher import Batcher
-from learner.cotrain import cotrain_loss, loss_ratio, make_optimizer, reduce_stats, sft_inputs, train_step
+from learner.cotrain import cotrain_loss, loss_ratio, make_optimizer, reduce_stats, sft_inputs, train_step, \
+    with_loss_ratio
 from learner.metrics import LossRatioMonitor, MetricsWriter
 from learner.ppo import ppo_loss
 from numeric import assert_close_to_norm, relative_error
@@ -138,7 +139,7 @@ def test_loss_ratio_definition(cfg):
               "train/ratio_max": torch.tensor(1.5), "train/ratio_min": torch.tensor(0.5)},
              {"train/rl_loss": torch.tensor(0.0), "train/sft_loss": torch.tensor(4.0),
               "train/ratio_max": torch.tensor(3.0), "train/ratio_min": torch.tensor(0.9)}]
-    reduced = reduce_stats(stats, [0.5, 0.5], cfg.learner)
+    reduced = with_loss_ratio(reduce_stats(stats, [0.5, 0.5]), cfg.learner)
     assert reduced["train/sft_loss"] == pytest.approx(3.0)
     assert reduced["train/ratio_max"] == 3.0 and reduced["train/ratio_min"] == 0.5
     assert reduced["train/loss_ratio"] == pytest.approx(0.2 * 3.0 / cfg.learner.loss_ratio_eps)
