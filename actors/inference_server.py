@@ -21,8 +21,8 @@ A time-limit truncation asks the server for V(final obs) (a b"V" request, batche
 adds gamma * V to that step's reward, as the lockstep actor does.
 
 The token ids come back from the server (``policy.tokenize`` with a cache), so the workers need
-no tokenizer and any policy backend works. ``FakeTwinEnv`` stands in for the simulator in tests
-and CPU benchmarks of this path (``env_factory="actors.inference_server:FakeTwinEnv"``).
+no tokenizer and any policy backend works. ``benchmarks/fake_env.py:FakeTwinEnv`` stands in for the
+simulator in tests and CPU benchmarks of this path (``env_factory="benchmarks.fake_env:FakeTwinEnv"``).
 
 Throughput options (issue #20, ``actor.server.*``; the defaults are the original behaviour):
 ``autocast_dtype`` runs ``policy.sample`` under ``torch.autocast`` (the policy keeps its Gaussian
@@ -33,7 +33,6 @@ times the sections of every worker's loop (``common.laps``) and the server's, fo
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -52,7 +51,9 @@ import torch
 
 from common.device import autocast
 from common.device import autocast_dtype as autocast_dtype_of
+from common.imports import import_object
 from common.laps import LAPS, WORKER_SECTIONS, Laps, merge
+from actors.rollout import SegmentBuilder
 from common.segment import SegmentSpec
 
 log = logging.getLogger("tandem.inference_server")
@@ -132,61 +133,6 @@ class RequestSlots:
                 pass
 
 
-# ---- a simulator-free env for tests and CPU benchmarks ----------------------------------------
-class FakeTwinEnv:
-    """Deterministic stand-in for ``actors.env_pool._SingleEnv``: random images, fixed episode
-    length (``env_cfg["max_episode_steps"]``, truncated), no success. ``step_cost_s`` of sleep per env
-    step imitates a simulator."""
-
-    def __init__(self, env_cfg: Any, real_proxy: bool, seed: int):
-        from actors.env_pool import ChunkResult
-
-        cfg = dict(env_cfg or {})
-        self.ChunkResult = ChunkResult
-        size = cfg.get("image_size") or 32
-        self.hw = (size, size) if isinstance(size, int) else tuple(size)
-        self.max_steps = int(cfg.get("max_episode_steps", 20))
-        self.step_cost_s = float(cfg.get("step_cost_s", 0.0))
-        self.rng = np.random.default_rng(seed)
-        self.instructions = ["put the red cube into the bowl", "put the blue ball into the bowl"]
-        self.elapsed, self.episodes, self.instruction = 0, 0, ""
-
-    def _obs(self) -> dict:
-        return {"image": self.rng.integers(0, 256, (*self.hw, 3), dtype=np.uint8),
-                "state": self.rng.standard_normal(8).astype(np.float32)}
-
-    def reset(self):
-        self.elapsed = 0
-        self.instruction = self.instructions[self.episodes % len(self.instructions)]
-        return self._obs(), self.instruction
-
-    def run_chunk(self, actions: np.ndarray):
-        total, steps = 0.0, 0
-        for a in actions:
-            t = time.perf_counter()
-            if self.step_cost_s:
-                time.sleep(self.step_cost_s)
-            LAPS.lap("physics", t)
-            self.elapsed += 1
-            steps += 1
-            total += float(-np.abs(a).mean())
-            if self.elapsed >= self.max_steps:
-                self.episodes += 1
-                final = self._obs()
-                ep_len = self.elapsed
-                obs, instr = self.reset()
-                return self.ChunkResult(obs, instr, total, True, True, False, final, steps, total, ep_len)
-        return self.ChunkResult(self._obs(), self.instruction, total, False, False, False, None, steps, 0.0, 0)
-
-    def close(self):
-        pass
-
-
-def _load(target: str):
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def worker_cores(spec: Any, num_workers: int, allowed: list[int]) -> list[Optional[list[int]]]:
     """The core each env worker is pinned to (``actor.server.cpu_affinity``). None: None for every
     worker (the OS schedules); "auto": worker i on the i-th of the ``allowed`` cores, wrapping; a
@@ -214,7 +160,7 @@ def _env_worker(conn, index: int, env_cfg: Any, real_proxy: bool, seed: int, env
         if isinstance(env_cfg, str):
             from omegaconf import OmegaConf
             env_cfg = OmegaConf.create(env_cfg)
-        env = _load(env_factory)(env_cfg, real_proxy, seed)
+        env = import_object(env_factory)(env_cfg, real_proxy, seed)
         obs, instr = env.reset()
         conn.send(("hello", {"image_hw": tuple(obs["image"].shape[:2]), "state_dim": int(obs["state"].shape[0]),
                              "cores": sorted(os.sched_getaffinity(0))}))
@@ -223,7 +169,7 @@ def _env_worker(conn, index: int, env_cfg: Any, real_proxy: bool, seed: int, env
             return
         slots = RequestSlots.attach(msg[1], msg[2])
         spec = SegmentSpec(**msg[3])
-        T, k, gamma = spec.steps, int(seg["exec_horizon"]), float(seg["gamma"])
+        k, gamma = int(seg["exec_horizon"]), float(seg["gamma"])
         img, st, ins, ins_len = slots["image"][index], slots["state"][index], slots["instr"][index], slots["instr_len"]
         lap_s, lap_n, steps_done = slots["lap_s"][index], slots["lap_n"][index], slots["env_steps"]
 
@@ -242,41 +188,28 @@ def _env_worker(conn, index: int, env_cfg: Any, real_proxy: bool, seed: int, env
             LAPS.lap("wait_server", t)
             return ok
 
-        buf, t, versions = spec.empty(), 0, []
-        meta = dict(env_steps=0, episodes=0, successes=0, returns=[])
+        builder = SegmentBuilder(spec, gamma, index)
         while True:
             if not request(obs, instr, REQ_SAMPLE):
                 break
             t0 = time.perf_counter()
-            if t == T:  # the observation after the segment (bootstrap) with its tokens: ship it
-                buf["image"][T], buf["state"][T], buf["tokens"][T] = obs["image"], obs["state"], slots["tokens"][index]
-                conn.send_bytes(pickle.dumps(("segment", buf, dict(meta, env_index=index, version=min(versions))),
+            if builder.full:  # this observation (and its tokens) is the segment's bootstrap: ship it
+                conn.send_bytes(pickle.dumps(("segment", *builder.finish(obs, slots["tokens"][index])),
                                              protocol=pickle.HIGHEST_PROTOCOL))
                 t0 = LAPS.lap("segment_send", t0)
-                t, versions = 0, []
-                meta = dict(env_steps=0, episodes=0, successes=0, returns=[])
-            buf["image"][t], buf["state"][t], buf["tokens"][t] = obs["image"], obs["state"], slots["tokens"][index]
-            buf["chain"][t] = slots["chain"][index]
-            buf["behaviour_logp"][t] = slots["logp"][index]
-            buf["behaviour_value"][t] = slots["value"][index]
-            versions.append(int(slots["version"][index]))
+            builder.record_sample(obs, slots["tokens"][index], slots["chain"][index], float(slots["logp"][index]),
+                                  float(slots["value"][index]), int(slots["version"][index]))
             actions = slots["actions"][index, :k].copy()
             LAPS.lap("bookkeeping", t0)
             r = env.run_chunk(actions)
-            reward = r.reward
-            if r.truncated:  # bootstrap through the time limit with the behaviour value
+            final_value = None
+            if r.truncated:  # V(final obs), batched by the server like a sample
                 if not request(r.final_obs, instr, REQ_VALUE):
                     break
-                reward += gamma * float(slots["value"][index])
-            buf["reward"][t], buf["done"][t], buf["success"][t] = reward, r.done, r.success
-            meta["env_steps"] += r.env_steps
+                final_value = float(slots["value"][index])
+            builder.record_result(r, final_value)
             steps_done[index] += r.env_steps
-            if r.done:
-                meta["episodes"] += 1
-                meta["successes"] += int(r.success)
-                meta["returns"].append(float(r.episode_return))
             obs, instr = r.obs, r.instruction
-            t += 1
     except (EOFError, BrokenPipeError, KeyboardInterrupt, ConnectionResetError):
         pass
     except Exception:

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from actors.env_pool import EnvPool
+from actors.rollout import SegmentBuilder
 from common.device import resolve_device
 from common.channels import ControlClient, DataSender, WeightSubscriber
 from common.config import run_with_config
@@ -188,14 +189,10 @@ class Actor:
                 self.stats["episodes"] += int(meta["episodes"])
                 self.recent_success.extend([1.0] * meta["successes"] + [0.0] * (meta["episodes"] - meta["successes"]))
 
-                def fill(dst, src=arrays):
-                    for name, arr in src.items():
-                        np.copyto(dst[name], arr)
-
                 if self.dry_run:
                     self.stats["segments"] += 1
                 else:
-                    self.ship(spec, fill, int(meta["env_index"]), int(meta["version"]))
+                    self.ship(spec, copy_into(arrays), int(meta["env_index"]), int(meta["version"]))
                 if self.cfg.actor.max_segments and self.stats["segments"] >= self.cfg.actor.max_segments:
                     return
             elif srv.alive == 0:
@@ -220,33 +217,22 @@ class Actor:
                                    state_dim=obs[0]["state"].shape[0], chunk_size=self.policy.chunk_size,
                                    num_denoise_steps=self.policy.num_denoise_steps)
                 self.ensure_ring(spec)
-            buf = spec.empty()
-            bufs = [{k_: v.copy() for k_, v in buf.items()} for _ in range(B)]
-            versions = []
-            for t in range(T):
+                builders = [SegmentBuilder(spec, self.gamma, i) for i in range(B)]
+            for _ in range(T):
                 self.maybe_update_weights()  # only between chunks
-                versions.append(self.version)
                 o = self.batch_obs(obs, instr)
                 with torch.no_grad():
                     out = self.policy.sample(o, generator=self.generator)
                 actions = out.actions[:, :k].cpu().numpy().astype(np.float32)
                 results = self.pool.run_chunks(actions)
                 for i, r in enumerate(results):
-                    b = bufs[i]
-                    b["image"][t] = obs[i]["image"]
-                    b["state"][t] = obs[i]["state"]
-                    b["tokens"][t] = o["tokens"][i].cpu().numpy()
-                    b["chain"][t] = out.chain[i].cpu().numpy()
-                    b["behaviour_logp"][t] = out.log_prob[i].item()
-                    b["behaviour_value"][t] = out.value[i].item()
-                    reward = r.reward
-                    if r.truncated:  # bootstrap through the time limit with the behaviour value
-                        fo = self.batch_obs([r.final_obs], [instr[i]])
+                    builders[i].record_sample(obs[i], o["tokens"][i].cpu().numpy(), out.chain[i].cpu().numpy(),
+                                              out.log_prob[i].item(), out.value[i].item(), self.version)
+                    final_value = None
+                    if r.truncated:  # V(final obs) from the behaviour policy, for the bootstrap
                         with torch.no_grad():
-                            reward += self.gamma * float(self.policy.value(fo)[0])
-                    b["reward"][t] = reward
-                    b["done"][t] = r.done
-                    b["success"][t] = r.success
+                            final_value = float(self.policy.value(self.batch_obs([r.final_obs], [instr[i]]))[0])
+                    builders[i].record_result(r, final_value)
                     self.stats["env_steps"] += r.env_steps
                     if r.done:
                         self.stats["episodes"] += 1
@@ -257,18 +243,11 @@ class Actor:
                     return
             last = self.batch_obs(obs, instr)
             for i in range(B):
-                bufs[i]["image"][T] = obs[i]["image"]
-                bufs[i]["state"][T] = obs[i]["state"]
-                bufs[i]["tokens"][T] = last["tokens"][i].cpu().numpy()
-
-                def fill(dst, src=bufs[i]):
-                    for name, arr in src.items():
-                        np.copyto(dst[name], arr)
-
+                segment, meta = builders[i].finish(obs[i], last["tokens"][i].cpu().numpy())
                 if self.dry_run:
                     self.stats["segments"] += 1
                 else:
-                    self.ship(spec, fill, i, min(versions))
+                    self.ship(spec, copy_into(segment), i, meta["version"])
             if self.cfg.actor.max_segments and self.stats["segments"] >= self.cfg.actor.max_segments:
                 return
 
@@ -316,6 +295,14 @@ class Actor:
             self.ring.close()
         for ch in (self.sender, self.weights, self.control):
             ch.close()
+
+
+def copy_into(segment: dict):
+    """A ``ship`` filler that copies ``segment``'s arrays into the ring slot or message buffer."""
+    def fill(dst):
+        for name, arr in segment.items():
+            np.copyto(dst[name], arr)
+    return fill
 
 
 def main(argv=None) -> int:

@@ -49,7 +49,7 @@ from common.config import load_config
 from common.device import autocast
 from common.policy import make_policy
 
-FAKE = "actors.inference_server:FakeTwinEnv"
+FAKE = "benchmarks.fake_env:FakeTwinEnv"
 
 
 class GpuMonitor(threading.Thread):

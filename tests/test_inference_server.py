@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from actors.inference_server import FakeTwinEnv, InferenceServer, RequestSlots, slot_layout, worker_cores
+from actors.inference_server import InferenceServer, RequestSlots, slot_layout, worker_cores
+from benchmarks.fake_env import FakeTwinEnv
 from common.config import load_config
 from common.device import autocast
 from common.policy import make_policy
 
-FAKE = "actors.inference_server:FakeTwinEnv"
+FAKE = "benchmarks.fake_env:FakeTwinEnv"
 ENV_CFG = {"image_size": 32, "max_episode_steps": 10}
 SEED, GSEED, GAMMA, T = 7, 3, 0.99, 3
 
