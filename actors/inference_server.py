@@ -55,6 +55,7 @@ from common.imports import import_object
 from common.laps import LAPS, WORKER_SECTIONS, Laps, merge
 from actors.rollout import SegmentBuilder
 from common.segment import SegmentSpec
+from common.weights import PendingWeights
 
 log = logging.getLogger("tandem.inference_server")
 
@@ -323,12 +324,10 @@ class InferenceServer:
         self.batch_wait_s = float(batch_wait_ms) / 1000.0
         self.full_batch = bool(full_batch)
         self.generator = torch.Generator(device=self.device).manual_seed(int(generator_seed))
-        self.version = -1
+        self.weights = PendingWeights(policy)
         self.stats = ServerStats()
         self.segment_queue: queue.Queue = queue.Queue(maxsize=max_queued_segments)
         self.errors: list[str] = []
-        self._pending_weights: Optional[tuple[dict, int]] = None
-        self._weights_lock = threading.Lock()
         self._token_cache: dict[bytes, np.ndarray] = {}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -400,18 +399,15 @@ class InferenceServer:
     # -- weights ---------------------------------------------------------------------------------
     def submit_weights(self, weights: dict, version: int):
         """Applied by the server thread before its next batch (so never inside a chunk)."""
-        with self._weights_lock:
-            self._pending_weights = (weights, int(version))
+        self.weights.offer(weights, version)
+
+    @property
+    def version(self) -> int:
+        return self.weights.version
 
     def set_version(self, version: int):
-        self.version = int(version)
-
-    def _apply_pending_weights(self):
-        with self._weights_lock:
-            pending, self._pending_weights = self._pending_weights, None
-        if pending is not None:
-            self.policy.set_weights(pending[0])
-            self.version = pending[1]
+        """The version of the weights the policy already holds (before the server starts)."""
+        self.weights.version = int(version)
 
     # -- inference --------------------------------------------------------------------------------
     def _tokens(self, idx: int) -> np.ndarray:
@@ -517,7 +513,7 @@ class InferenceServer:
                 self._receive(c, index[id(c)], sample, value)
             n_live = sum(self._alive)
         t = self.laps.lap("gather", t)
-        self._apply_pending_weights()
+        self.weights.apply()
         t0 = time.perf_counter()
         self.infer(sorted(sample), sorted(value))
         dt = time.perf_counter() - t0

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from common.config import run_with_config
 from common.device import resolve_device
+from common.weights import PendingWeights
 from realrobot.collector import episode_task, require_task_source, session_identity, sigterm_as_interrupt
 from realrobot.dataset_writer import DatasetWriter, EpisodeBuffer
 from realrobot.operator_prompt import EpisodeLabel, make_prompt
@@ -49,15 +50,11 @@ class WeightFollower:
 
     def __init__(self, policy, make_subscriber: Callable[[], Any], pinned_version: Optional[int] = None,
                  poll_ms: int = 100):
-        self.policy, self.make_subscriber = policy, make_subscriber
+        self.make_subscriber = make_subscriber
         self.pinned, self.poll_ms = pinned_version, poll_ms
-        self.version = -1
-        self.applied = 0
+        self.weights = PendingWeights(policy)
         self.skipped_unpinned = 0
         self.endpoint = ""
-        self._pending = None
-        self._lock = threading.Lock()
-        self._arrived = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="weight-follower", daemon=True)
 
@@ -82,26 +79,26 @@ class WeightFollower:
             self.skipped_unpinned += 1
             log.info("weights version %d ignored (pinned to %d)", msg.policy_version, self.pinned)
             return
-        with self._lock:
-            self._pending = msg
-        self._arrived.set()
+        self.weights.offer(msg.arrays, msg.policy_version)
+
+    @property
+    def version(self) -> int:
+        return self.weights.version
+
+    @property
+    def applied(self) -> int:
+        return self.weights.applied
 
     def apply(self) -> bool:
         """At a boundary: apply the newest received version, if any arrived since the last one."""
-        with self._lock:
-            msg, self._pending = self._pending, None
-            self._arrived.clear()
-        if msg is None:
+        if not self.weights.apply():
             return False
-        self.policy.set_weights(msg.arrays)
-        self.version = msg.policy_version
-        self.applied += 1
         log.info("applied weights version %d", self.version)
         return True
 
     def wait(self, timeout_s: float) -> bool:
         """Block until a version is waiting (``timeout_s`` <= 0: forever); True when one is."""
-        return self._arrived.wait(timeout_s if timeout_s > 0 else None)
+        return self.weights.wait(timeout_s if timeout_s > 0 else None)
 
     def close(self) -> None:
         self._stop.set()
