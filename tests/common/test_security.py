@@ -17,10 +17,11 @@ from tools.keys import make_keys
 from common.protocol import Message
 from common.security import (InsecureTransportError, SecurityConfig, SecurityConfigError,
                              endpoint_is_local)
+from paths import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 FAST = SocketOptions(linger_ms=0, reconnect_ivl_ms=20, reconnect_ivl_max_ms=100)
 DENIED_WAIT_MS = 1500  # long enough for many handshake attempts of a rejected peer
 

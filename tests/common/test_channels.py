@@ -2,7 +2,6 @@ import socket
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +12,12 @@ from common.channels import (ControlClient, ControlServer, DataReceiver, DataSen
                              WeightPublisher, WeightSubscriber, as_bind_endpoint, weights_digest)
 from common.config import load_config
 from common.protocol import Limits, Message, encode
+from paths import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(30)
 
 FAST = SocketOptions(linger_ms=0, reconnect_ivl_ms=20, reconnect_ivl_max_ms=100)
-TRANSPORT_YAML = Path(__file__).resolve().parent.parent / "configs" / "transport" / "default.yaml"
+TRANSPORT_YAML = REPO_ROOT / "configs" / "transport" / "default.yaml"
 
 
 def free_tcp_endpoint() -> str:
@@ -255,7 +255,7 @@ def test_channels_from_transport_config():
 
 
 def test_transport_config_is_distinct_ipc_sockets_of_one_directory():
-    cfg = load_config("config").transport  # the endpoints follow run_dir (tests/test_local_ipc.py)
+    cfg = load_config("config").transport  # the endpoints follow run_dir (tests/common/test_local_ipc.py)
     endpoints = [cfg.data_endpoint, cfg.weights_endpoint, cfg.control_endpoint]
     assert len(set(endpoints)) == 3 and all(e.startswith(f"ipc://{cfg.ipc_dir}/") for e in endpoints)
     assert cfg.ring.full_policy in ("wait", "drop") and cfg.use_shm is True

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,9 @@ from realrobot.collector import Collector
 from realrobot.dataset_writer import read_labels
 from realrobot.deployer import Deployer
 from realrobot.rig import make_rig
+from paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 TINY_IMAGES = ["env.camera.width=64", "env.camera.height=64"]
 
 

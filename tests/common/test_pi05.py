@@ -3,7 +3,6 @@ log-probabilities, SFT, freezing. The tokenizer is a small word-level one made h
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,9 @@ from omegaconf import OmegaConf
 
 from common.policy import load_policy, make_policy
 from common.policy.pi05 import Pi05Policy
+from paths import REPO_ROOT
 
-POLICY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "policy"
+POLICY_CONFIGS = REPO_ROOT / "configs" / "policy"
 INSTRUCTIONS = ["put the red cube in the bowl", "pick up the green block", "", "place it in the bowl please"]
 STATS = {
     "action": {"mean": np.linspace(-0.1, 0.1, 7), "std": np.linspace(0.05, 0.5, 7)},

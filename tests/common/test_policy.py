@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,9 @@ import torch
 from common.config import load_policy_preset
 from common.policy import CompactVLA, Normalizer, load_policy, make_policy
 from common.policy import flow
+from paths import REPO_ROOT
 
-POLICY_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "policy"
+POLICY_CONFIGS = REPO_ROOT / "configs" / "policy"
 INSTRUCTIONS = ["put the red cube in the bowl", "PICK UP the green block", "", "place it in the bowl, please"]
 
 STATS = {  # LeRobot meta.stats layout; image features must be ignored

@@ -5,11 +5,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 
 def test_eval_actor_reports_success_to_the_learner(tmp_path):

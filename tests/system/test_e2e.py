@@ -14,8 +14,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from common.channels import ControlClient
 from common.protocol import Message
 from common.shm_ring import list_rings
+from paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 FAST = ["env.image_size=32", "env.max_episode_steps=20", "actor.rollout_steps=2", "policy=tiny", "device=cpu",
         "learner.global_batch_size=2", "learner.micro_batch_size=2", "learner.real_batch_size=4",
         "learner.weights_republish_s=0.5", "learner.checkpoint_interval=1000",

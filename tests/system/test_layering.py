@@ -5,8 +5,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 TANDEM = {"common", "actors", "learner", "realrobot", "tools", "benchmarks"}
 ALLOWED = {"common": {"common"}, "actors": {"common", "actors"}, "learner": {"common", "learner"},
            "realrobot": {"common", "realrobot"}}

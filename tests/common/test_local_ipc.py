@@ -21,10 +21,11 @@ from common.security import InsecureTransportError, SecurityConfig
 from common.shm_ring import SHM_DIR, ShmRingWriter, reap_dead_rings
 from tools.synthetic import poll_until, spec_from_config
 from processes import stop
+from paths import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.getuid() != 0, reason="switching to another user needs root")
 AUTO = SecurityConfig.from_config({"security": {"enabled": "auto"}})
