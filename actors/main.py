@@ -55,7 +55,7 @@ class Actor:
         # thread on self.device, fed through shared memory (actors/inference_server.py)
         self.server = None
         self.pool = None
-        if str(acfg.get("inference", "local")) == "server" and self.mode == "train":
+        if acfg.inference == "server" and self.mode == "train":
             from actors.inference_server import InferenceServer, server_options
 
             self.server = InferenceServer(
