@@ -54,7 +54,7 @@ from common.device import autocast_dtype as autocast_dtype_of
 from common.imports import import_object
 from common.laps import LAPS, WORKER_SECTIONS, Laps, merge
 from actors.rollout import SegmentBuilder
-from common.segment import SegmentSpec
+from common.segment import SegmentSpec, policy_segment_spec
 from common.weights import PendingWeights
 
 log = logging.getLogger("tandem.inference_server")
@@ -371,10 +371,7 @@ class InferenceServer:
             raise RuntimeError(f"env workers disagree on observation shapes: {hellos}")
         self.worker_cores = [h["cores"] for h in hellos]
         h = hellos[0]
-        self.spec = SegmentSpec(steps=int(rollout_steps), image_hw=tuple(h["image_hw"]), token_len=policy.token_len,
-                                state_dim=h["state_dim"], chunk_size=policy.chunk_size,
-                                num_denoise_steps=policy.num_denoise_steps,
-                                action_dim=getattr(policy, "action_dim", 7))
+        self.spec = policy_segment_spec(policy, rollout_steps, h["image_hw"], h["state_dim"])
         layout = slot_layout(self.num_envs, self.spec.image_hw, self.spec.state_dim, policy.token_len,
                              policy.chunk_size, policy.num_denoise_steps, self.spec.action_dim)
         self.slots = RequestSlots.create(layout)

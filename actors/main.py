@@ -27,7 +27,7 @@ from common.config import run_with_config
 from common.evaluation import run_episode
 from common.policy import load_policy, make_policy
 from common.protocol import Message
-from common.segment import SegmentSpec
+from common.segment import SegmentSpec, expected_segment_spec, policy_segment_spec
 from common.shm_ring import ShmRingWriter
 
 WAIT_NOTE_INTERVAL_S = 15.0  # how often a waiting actor says what it waits for
@@ -212,10 +212,11 @@ class Actor:
         spec = None
         while not self.stop:
             if spec is None:
-                h, w = obs[0]["image"].shape[:2]
-                spec = SegmentSpec(steps=T, image_hw=(h, w), token_len=self.policy.token_len,
-                                   state_dim=obs[0]["state"].shape[0], chunk_size=self.policy.chunk_size,
-                                   num_denoise_steps=self.policy.num_denoise_steps)
+                spec = policy_segment_spec(self.policy, T, obs[0]["image"].shape[:2], obs[0]["state"].shape[0])
+                expected = expected_segment_spec(self.cfg, self.policy)
+                if spec != expected:  # the learner would drop every segment: say why, once, here
+                    raise ValueError(f"this actor's segments {spec} differ from the layout the learner expects "
+                                     f"{expected}: check env.image_size / env.camera and the policy")
                 self.ensure_ring(spec)
                 builders = [SegmentBuilder(spec, self.gamma, i) for i in range(B)]
             for _ in range(T):

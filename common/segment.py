@@ -89,8 +89,14 @@ def camera_hw(env_cfg) -> tuple[int, int]:
     return int(env_cfg["camera"]["height"]), int(env_cfg["camera"]["width"])
 
 
+def policy_segment_spec(policy, rollout_steps: int, image_hw, state_dim: int) -> SegmentSpec:
+    """The one definition of a segment's layout for ``policy``: actors build theirs with it from
+    what their envs render, the learner its expectation from the config (``expected_segment_spec``)."""
+    return SegmentSpec(steps=int(rollout_steps), image_hw=tuple(int(v) for v in image_hw), token_len=policy.token_len,
+                       state_dim=int(state_dim), num_denoise_steps=policy.num_denoise_steps,
+                       chunk_size=policy.chunk_size, action_dim=policy.action_dim)
+
+
 def expected_segment_spec(cfg, policy) -> SegmentSpec:
     """The layout every actor of this config sends: the learner checks each segment against it."""
-    return SegmentSpec(steps=int(cfg.actor.rollout_steps), image_hw=camera_hw(cfg.env), token_len=policy.token_len,
-                       state_dim=policy.state_dim, num_denoise_steps=policy.num_denoise_steps,
-                       chunk_size=policy.chunk_size, action_dim=policy.action_dim)
+    return policy_segment_spec(policy, cfg.actor.rollout_steps, camera_hw(cfg.env), policy.state_dim)

@@ -36,11 +36,9 @@ class Batcher:
         self.max_queued_segments = max_queued_segments
         self.device = torch.device(device)
         self._queue: deque[tuple[dict[str, np.ndarray], int]] = deque()
-        self._shapes: Optional[dict[str, tuple]] = None
         self.accepted_segments = 0
         self.dropped_stale = 0
         self.dropped_overflow = 0
-        self.dropped_invalid = 0
         self.batches = 0
         self.last_batch_lags = np.zeros(0, dtype=np.int64)
 
@@ -51,16 +49,10 @@ class Batcher:
 
     # ---- intake -----------------------------------------------------------------------------
     def add(self, segment: dict[str, np.ndarray], policy_version: int, current_version: int) -> bool:
-        """Queue a segment; False (and counted) when it is too stale or malformed."""
+        """Queue a segment (its layout already checked at ingest); False (and counted) when it is
+        too stale."""
         if current_version - policy_version > self.max_policy_lag:
             self.dropped_stale += 1
-            return False
-        shapes = {k: (v.dtype, v.shape) for k, v in segment.items()}
-        if self._shapes is None:
-            self._shapes = shapes
-        elif shapes != self._shapes:
-            self.dropped_invalid += 1
-            log.warning("dropping segment whose arrays %s differ from the first segment's %s", shapes, self._shapes)
             return False
         if len(self._queue) >= self.max_queued_segments:
             self._queue.popleft()  # the oldest is the stalest
@@ -114,7 +106,6 @@ class Batcher:
             "batcher/accepted_segments": float(self.accepted_segments),
             "batcher/dropped_stale_segments": float(self.dropped_stale),
             "batcher/dropped_overflow_segments": float(self.dropped_overflow),
-            "batcher/dropped_invalid_segments": float(self.dropped_invalid),
             "policy_lag/mean": float(lags.mean()) if lags.size else 0.0,
             "policy_lag/max": float(lags.max()) if lags.size else 0.0,
         }

@@ -127,7 +127,7 @@ class Learner:
                 "lag_mean": b["policy_lag/mean"], "lag_max": b["policy_lag/max"],
                 "lag_histogram": self.lag_histogram.tolist(),
                 "dropped": {**self.ingest.dropped_total(), "stale": self.batcher.dropped_stale,
-                            "overflow": self.batcher.dropped_overflow, "invalid": self.batcher.dropped_invalid},
+                            "overflow": self.batcher.dropped_overflow},
                 "actors": actors}
 
     # -- train thread -------------------------------------------------------------------------
@@ -143,8 +143,7 @@ class Learner:
         self.publisher.publish(self.version, self.policy.get_weights(), meta={"session": self.session})
 
     def checkpoint(self):
-        self.counters.dropped_segments = (self.batcher.dropped_stale + self.batcher.dropped_overflow
-                                          + self.batcher.dropped_invalid)
+        self.counters.dropped_segments = self.batcher.dropped_stale + self.batcher.dropped_overflow
         path = save_checkpoint(self.cfg.learner.checkpoint_dir, self.policy, self.optimizer, self.counters,
                                keep=self.cfg.learner.keep_checkpoints)
         log.info("checkpoint %s", path)
