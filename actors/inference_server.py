@@ -33,6 +33,7 @@ times the sections of every worker's loop (``common.laps``) and the server's, fo
 """
 from __future__ import annotations
 
+import copy
 import logging
 import multiprocessing as mp
 import os
@@ -41,7 +42,7 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from multiprocessing.connection import wait as wait_conns
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Optional
@@ -282,8 +283,21 @@ class ServerStats:
     env_steps: int = 0
     infer_s: float = 0.0
     batch_sizes: list = field(default_factory=list)  # of sample batches, the last 10000
+    sample_batches: int = 0  # sample batches ever (batch_sizes keeps the last of them)
     infer_by_size: dict = field(default_factory=dict)  # sample batch size -> [seconds, batches]
     laps: dict = field(default_factory=dict)  # the server thread's sections (common.laps), with profile
+    # the server thread updates under it and snapshot() copies under it: a reader on another thread
+    # never sees a batch counted in one field and not yet in another
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def snapshot(self) -> "ServerStats":
+        with self.lock:
+            return ServerStats(**copy.deepcopy({f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}))
+
+    def window_batch_sizes(self, earlier: "ServerStats") -> list:
+        """The sample batch sizes since ``earlier`` (a snapshot of the same stats; at most the last 5000)."""
+        n = self.sample_batches - earlier.sample_batches
+        return self.batch_sizes[len(self.batch_sizes) - min(n, len(self.batch_sizes)):] if n else []
 
     def summary(self) -> dict:
         """The heartbeat's scalars (batch sizes over the last 10000 sample batches)."""
@@ -466,8 +480,9 @@ class InferenceServer:
                 msg = pickle.loads(data)
                 if msg[0] == "segment":
                     _, arrays, meta = msg
-                    self.stats.segments += 1
-                    self.stats.env_steps += int(meta["env_steps"])
+                    with self.stats.lock:
+                        self.stats.segments += 1
+                        self.stats.env_steps += int(meta["env_steps"])
                     try:
                         self.segment_queue.put_nowait((arrays, meta))
                     except queue.Full:  # the actor is not keeping up: drop the oldest
@@ -496,7 +511,8 @@ class InferenceServer:
             self._receive(c, index[id(c)], sample, value)
         t = self.laps.lap("wait", t)
         if not sample and not value:
-            merge(self.stats.laps, self.laps.take())
+            with self.stats.lock:
+                merge(self.stats.laps, self.laps.take())
             return 0
         n_live = sum(self._alive)
         deadline = None if self.full_batch else time.perf_counter() + self.batch_wait_s
@@ -514,8 +530,6 @@ class InferenceServer:
         t0 = time.perf_counter()
         self.infer(sorted(sample), sorted(value))
         dt = time.perf_counter() - t0
-        self.stats.infer_s += dt
-        merge(self.stats.infer_by_size, {len(sample): [dt, 1]})
         t = time.perf_counter()
         for i in sample + value:
             try:
@@ -523,14 +537,19 @@ class InferenceServer:
             except (BrokenPipeError, OSError):
                 self._alive[i] = False
         self.laps.lap("answer", t)
-        merge(self.stats.laps, self.laps.take())
-        self.stats.batches += 1
-        self.stats.requests += len(sample) + len(value)
-        self.stats.value_requests += len(value)
-        if sample:
-            self.stats.batch_sizes.append(len(sample))
-            if len(self.stats.batch_sizes) > 10000:
-                del self.stats.batch_sizes[:5000]
+        s = self.stats
+        with s.lock:
+            s.infer_s += dt
+            merge(s.infer_by_size, {len(sample): [dt, 1]})
+            merge(s.laps, self.laps.take())
+            s.batches += 1
+            s.requests += len(sample) + len(value)
+            s.value_requests += len(value)
+            if sample:
+                s.sample_batches += 1
+                s.batch_sizes.append(len(sample))
+                if len(s.batch_sizes) > 10000:
+                    del s.batch_sizes[:5000]
         return len(sample) + len(value)
 
     def _loop(self):

@@ -143,18 +143,18 @@ def measure(args, cfg, policy, n, mon) -> dict:
         srv.start()
         time.sleep(args.warmup)
         drain(srv)
-        s0, w0 = copy.deepcopy(srv.stats), srv.worker_totals()
+        s0, w0 = srv.stats.snapshot(), srv.worker_totals()
         mon.begin()
         t0 = time.perf_counter()
         time.sleep(args.duration)
-        s1, w1 = copy.deepcopy(srv.stats), srv.worker_totals()
+        s1, w1 = srv.stats.snapshot(), srv.worker_totals()
         dt = time.perf_counter() - t0
         tail = drain(srv, keep=8)
         g = mon.end()
         cores = srv.worker_cores
     finally:
         srv.close()
-    sizes = np.asarray(s1.batch_sizes[len(s0.batch_sizes):] or [0])
+    sizes = np.asarray(s1.window_batch_sizes(s0) or [0])
     batches = s1.batches - s0.batches
     row = dict(envs=n, start_s=round(start_s, 1), seconds=round(dt, 2),
                env_steps_per_s=(w1[0] - w0[0]) / dt,  # executed in the window (not shipped: exact)
