@@ -1,13 +1,13 @@
 """An evaluation actor against a real learner process: it runs deterministic rounds on the real
 proxy and the learner logs eval/real_proxy_success."""
 import os
-import signal
 import subprocess
 import sys
 import time
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from paths import REPO_ROOT
+from processes import stop
 
 ROOT = REPO_ROOT
 
@@ -27,8 +27,7 @@ def test_eval_actor_reports_success_to_the_learner(tmp_path):
     try:
         assert actor.wait(240) == 0, (tmp_path / "procs.log").read_text()[-3000:]
     finally:
-        learner.send_signal(signal.SIGTERM)
-        learner.wait(60)
+        stop(learner, timeout_s=60)
     values = []
     deadline = time.time() + 10
     while not values and time.time() < deadline:

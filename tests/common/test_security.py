@@ -18,6 +18,7 @@ from common.protocol import Message
 from common.security import (InsecureTransportError, SecurityConfig, SecurityConfigError,
                              endpoint_is_local)
 from paths import REPO_ROOT
+from processes import stop
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -170,8 +171,6 @@ def test_learner_refuses_public_bind_without_keys(tmp_path):
 def test_live_learner_with_curve_answers_only_authorised_peers(keys, tmp_path):
     """learner.main with transport.security on (ipc): an authorised status query is answered; a
     peer with an unknown key gets no status and its pushed messages never reach the receiver."""
-    import signal
-
     from common.config import load_config
 
     eps = [f"transport.{k}_endpoint=ipc://{tmp_path}/{k}.ipc" for k in ("data", "weights", "control")]
@@ -203,8 +202,4 @@ def test_live_learner_with_curve_answers_only_authorised_peers(keys, tmp_path):
         assert after.meta["dropped"] == first.meta["dropped"]  # nothing of the intruder's was received
         assert "intruder" not in after.meta["actors"]
     finally:
-        learner.send_signal(signal.SIGTERM)
-        try:
-            learner.wait(30)
-        except subprocess.TimeoutExpired:
-            learner.kill()
+        stop(learner)

@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common.config import load_config  # noqa: E402
-from common.twin import ACTION_KEY, IMAGE_KEY, STATE_KEY, ScriptedExpert, make_env, write_demos  # noqa: E402
+from common.twin import ACTION_KEY, IMAGE_KEY, STATE_KEY, evaluate_expert, make_env, write_demos  # noqa: E402
 
 # ManiSkill's CPU path calls np.isnan on torch tensors each step
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -144,19 +144,8 @@ def test_real_proxy_looks_different(rgb_env):
 
 @pytest.mark.parametrize("env", ["twin", "real_proxy"])
 def test_expert_succeeds(env):
-    sim = make_env(env_cfg(env=env), obs_mode="state")
-    expert = ScriptedExpert(sim)
-    try:
-        for seed in range(3):
-            obs, _ = sim.reset(seed=seed)
-            expert.reset()
-            done = False
-            while not done:
-                obs, _, terminated, truncated, info = sim.step(expert.act(obs))
-                done = terminated or truncated
-            assert info["success"], f"{env} seed {seed}: {sim.instruction}"
-    finally:
-        sim.close()
+    result = evaluate_expert(env_cfg(env=env), 3, obs_mode="state")  # seeds 0, 1, 2: each must succeed
+    assert result["failed_seeds"] == [] and result["success_rate"] == 1.0, result
 
 
 def test_dataset_round_trip(tmp_path):

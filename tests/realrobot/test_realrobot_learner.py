@@ -2,7 +2,6 @@
 stored (disk first) and acknowledged; the deployer runs on the learner's broadcast weights."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from realrobot.dataset_writer import read_labels
 from realrobot.deployer import Deployer
 from realrobot.rig import make_rig
 from paths import REPO_ROOT
+from processes import stop
 
 ROOT = REPO_ROOT
 TINY_IMAGES = ["env.camera.width=64", "env.camera.height=64"]
@@ -55,11 +55,7 @@ def test_collect_and_deploy_against_the_learner(tmp_path):
         finally:
             rig.disconnect()
     finally:
-        learner.send_signal(signal.SIGTERM)
-        try:
-            learner.wait(30)
-        except subprocess.TimeoutExpired:
-            learner.kill()
+        stop(learner)
         log.close()
     text = (tmp_path / "learner.log").read_text()
     assert f"stored real episode {episode_id}" in text, text[-3000:]

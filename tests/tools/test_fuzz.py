@@ -3,8 +3,6 @@ reason its validation gives, and keeps training on a valid segment stream sent b
 The long run (>= 10,000 messages) is `python -m tools.fuzz --messages 10000`."""
 import math
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +10,7 @@ import pytest
 from common.config import load_config
 from tools.fuzz import LEARNER_OVERRIDES, run_fuzz, spawn_learner
 from common.procinfo import rss_mib
+from processes import stop
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,11 +30,7 @@ def test_learner_survives_fuzz_and_counts_every_bad_message(tmp_path):
                           learner_pid=proc.pid)
         assert proc.poll() is None, (tmp_path / "learner.log").read_text()[-3000:]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     r = report.as_dict()
     assert report.sent == MESSAGES
     assert report.learner_alive
