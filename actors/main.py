@@ -46,7 +46,8 @@ class Actor:
         # the architecture of the learner's starting checkpoint when there is one (its weights arrive
         # by broadcast), else the configured policy
         model_path = cfg.learner.get("model_path")
-        self.policy = (load_policy(model_path) if model_path else make_policy(cfg.policy)).to(self.device).eval()
+        self.policy = (load_policy(model_path, overrides={"noise": cfg.learner.policy_noise}) if model_path
+                       else make_policy(cfg.policy)).to(self.device).eval()
         self.version = -1
         self.gamma = float(cfg.learner.gamma)
         self.real_proxy = bool(acfg.real_proxy)

@@ -176,55 +176,70 @@ def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
 def optimizer_update(model: torch.nn.Module, policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
                      real_batches: Optional[RealBatches], critic_only: bool = False,
                      sync: GradSync = ONE_RANK) -> dict[str, float]:
-    """``cfg.update_epoch`` optimiser steps on one (shard of a) sim batch, for 1..N ranks. Each step
-    accumulates gradients over micro-batches of ``cfg.micro_batch_size`` segments (each with its
-    share of ``cfg.real_batch_size`` real samples from ``real_batches``; None: plain PPO), clips
-    the global grad norm to ``cfg.clip_grad`` and steps; a step whose loss or gradient is not
-    finite on any rank is skipped on all. ``model``: ``CoTrainLossModule`` (wrapped for data
+    """``cfg.update_epoch`` passes over one (shard of a) sim batch, each split into
+    ``cfg.num_minibatches`` minibatches of segments with one optimiser step each (PPO's minibatches).
+    A step accumulates gradients over micro-batches of ``cfg.micro_batch_size`` segments (each with
+    its share of ``cfg.real_batch_size`` real samples per minibatch from ``real_batches``; None: plain
+    PPO), clips the global grad norm to ``cfg.clip_grad`` and steps; a step whose loss or gradient is
+    not finite on any rank is skipped on all. ``model``: ``CoTrainLossModule`` (wrapped for data
     parallelism). Returns the logged stats of the global batch (``train/real_samples``: real
     samples drawn, summed)."""
-    micro_batches = split_segments(sim_batch, cfg.micro_batch_size)
     num_segments = sim_batch["reward"].shape[1]
+    num_minibatches = int(cfg.get("num_minibatches") or 1)
+    if not 1 <= num_minibatches <= num_segments:
+        raise ValueError(f"learner.num_minibatches={num_minibatches}: expected 1..{num_segments} (segments per update)")
+    # contiguous minibatches: a batch's segments already come from many envs in arrival order
+    minibatches = [split_segments(mb, cfg.micro_batch_size)
+                   for mb in split_segments(sim_batch, math.ceil(num_segments / num_minibatches))]
     co_train = real_batches is not None and not critic_only
     policy.train()
     amp = autocast_dtype(cfg.get("autocast_dtype"))
     per_micro, weights, grad_norms, real_samples = [], [], [], 0
-    target_kl, epochs_done, skipped = cfg.get("target_kl"), 0, 0
+    target_kl, steps_done, skipped, stopped = cfg.get("target_kl"), 0, 0, False
     for epoch in range(cfg.update_epoch):
-        optimizer.zero_grad(set_to_none=True)
-        first_micro = len(per_micro)
-        for i, micro in enumerate(micro_batches):
-            share = micro["reward"].shape[1] / num_segments
-            real_batch = None
-            if co_train:
-                real_batch = real_batches(epoch, i, max(1, math.ceil(cfg.real_batch_size * share)))
-                real_samples += len(real_batch["task"])
-            last = i == len(micro_batches) - 1
-            with (contextlib.nullcontext() if last else sync.no_sync()):
-                with autocast(policy.device, amp):
-                    total, stats = model(micro, real_batch, cfg, critic_only)
-                (total * share).backward()
-            per_micro.append(stats)
-            weights.append(share)
-        if target_kl and epoch > 0:
-            # early stop (PPO's target KL): this epoch's forward pass already moved too far from the
-            # behaviour policy, so its step is skipped and the update ends
-            kl = sum(w * float(s["train/approx_kl"]) for s, w in zip(per_micro[first_micro:], weights[first_micro:]))
-            if sync.any_rank(kl > target_kl):
-                del per_micro[first_micro:], weights[first_micro:]
-                optimizer.zero_grad(set_to_none=True)
-                break
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).detach()
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # fsdp: a DTensor
-        if sync.any_rank(not bool(step_is_finite(grad_norm, per_micro[first_micro:]))):  # the weights stay finite
+        micro_index = 0  # real_batches' micro-batch index within the epoch
+        for step_in_epoch, micro_batches in enumerate(minibatches):
             optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-            continue
-        grad_norms.append(grad_norm)  # identical on every rank: the gradients are
-        optimizer.step()
-        epochs_done += 1
+            first_micro = len(per_micro)
+            step_segments = sum(m["reward"].shape[1] for m in micro_batches)
+            for i, micro in enumerate(micro_batches):
+                share = micro["reward"].shape[1] / step_segments
+                real_batch = None
+                if co_train:
+                    real_batch = real_batches(epoch, micro_index, max(1, math.ceil(cfg.real_batch_size * share)))
+                    real_samples += len(real_batch["task"])
+                micro_index += 1
+                last = i == len(micro_batches) - 1
+                with (contextlib.nullcontext() if last else sync.no_sync()):
+                    with autocast(policy.device, amp):
+                        total, stats = model(micro, real_batch, cfg, critic_only)
+                    (total * share).backward()
+                per_micro.append(stats)
+                weights.append(micro["reward"].shape[1] / num_segments)
+            if target_kl and (epoch > 0 or step_in_epoch > 0):
+                # early stop (PPO's target KL): this step's forward pass already moved too far from the
+                # behaviour policy, so its step is skipped and the update ends
+                kl = (sum(w * float(s["train/approx_kl"]) for s, w in zip(per_micro[first_micro:], weights[first_micro:]))
+                      / sum(weights[first_micro:]))
+                if sync.any_rank(kl > target_kl):
+                    del per_micro[first_micro:], weights[first_micro:]
+                    optimizer.zero_grad(set_to_none=True)
+                    stopped = True
+                    break
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).detach()
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # fsdp: a DTensor
+            if sync.any_rank(not bool(step_is_finite(grad_norm, per_micro[first_micro:]))):  # the weights stay finite
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            grad_norms.append(grad_norm)  # identical on every rank: the gradients are
+            optimizer.step()
+            steps_done += 1
+        if stopped:
+            break
     stats = with_loss_ratio(sync.reduce(reduce_stats(per_micro, weights)), cfg)
-    stats["train/epochs_done"] = float(epochs_done)
+    stats["train/optimizer_steps"] = float(steps_done)
+    stats["train/epochs_done"] = steps_done / num_minibatches
     stats["train/skipped_nonfinite_steps"] = float(skipped)
     stats["train/grad_norm"] = float(torch.stack(grad_norms).float().mean()) if grad_norms else float("nan")
     stats["train/lr"] = float(optimizer.param_groups[0]["lr"])

@@ -135,6 +135,7 @@ def per_rank_config(lcfg, world_size: int) -> DictConfig:
         raise ValueError(f"learner.global_batch_size ({lcfg.global_batch_size}) must be a multiple of the "
                          f"number of ranks ({world_size})")
     unsupported = [k for k in ("critic_warmup_updates", "target_kl") if lcfg.get(k)]
+    unsupported += ["num_minibatches"] if (lcfg.get("num_minibatches") or 1) > 1 else []
     if unsupported:
         raise ValueError(f"learner.{unsupported} are not supported by the data-parallel learner yet: "
                          "set them to 0/null or run one process")

@@ -62,7 +62,8 @@ class Learner:
             log.info("resumed from %s (version %d, %d updates)", ckpt.path, self.counters.policy_version, self.counters.updates)
         else:
             if lcfg.model_path:
-                self.policy = load_policy(lcfg.model_path, map_location=str(self.device))
+                self.policy = load_policy(lcfg.model_path, map_location=str(self.device),
+                                          overrides={"noise": lcfg.policy_noise})
                 log.info("initial weights from %s", lcfg.model_path)
             else:
                 stats = self.replay.dataset_stats() if self.replay is not None else None

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import flow
+
 Obs = dict  # {"image": uint8 [B,H,W,3], "tokens": int64 [B,L], "state": float32 [B,S] | None}
 
 
@@ -63,6 +65,11 @@ class Policy(nn.Module, abc.ABC):
             raise ValueError(f"bad noise config {noise} (mode learned|scheduled, 0 < sigma_min <= sigma_max)")
         self.action_clip = cfg.get("action_clip")
         self.time_cfg = cfg["time_sampling"]
+        # .get: checkpoints saved before these keys existed score every term of every step
+        terms = flow.scored_terms(self.num_denoise_steps, self.chunk_size, self.exec_horizon,
+                                  noise.get("stochastic_steps", "all"), noise.get("score", "chunk"))
+        self.stochastic_steps = tuple(terms.any(1).tolist())  # Python: sampling never reads the device
+        self.register_buffer("chain_terms", terms, persistent=False)  # derived from the config, not weights
 
     @abc.abstractmethod
     def tokenize(self, instructions: list[str]) -> torch.Tensor:

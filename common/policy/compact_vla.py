@@ -29,7 +29,7 @@ from torch import nn
 
 from . import flow
 from .base import EvaluateOutput, Obs, Policy, SampleOutput
-from .factory import plain_dict
+from .factory import merged, plain_dict
 from .layers import AdaLNBlock, Block, sinusoidal_embedding
 from .normalizer import Normalizer
 from .tokenizer import make_tokenizer
@@ -219,7 +219,8 @@ class CompactVLA(Policy):
         B = obs_emb.shape[0]
         chain, log_prob = flow.sample_chain(self._noise(B, obs_emb, generator), self.num_denoise_steps,
                                             lambda x, step: self.transition(x, step, obs_emb),
-                                            lambda: self._noise(B, obs_emb, generator))
+                                            lambda: self._noise(B, obs_emb, generator), self.chain_terms,
+                                            self.stochastic_steps)
         return SampleOutput(actions=self._to_env(chain[:, -1]), chain=chain, log_prob=log_prob,
                             value=self.value_head(obs_emb).squeeze(-1))
 
@@ -227,7 +228,8 @@ class CompactVLA(Policy):
         obs_emb = self.encode(obs)
         chain = chain.float()
         mean, sigma = self.chain_transitions(obs_emb, chain)
-        log_prob, entropy = flow.chain_log_prob(chain, mean, sigma), flow.chain_entropy(sigma)
+        log_prob = flow.chain_log_prob(chain, mean, sigma, self.chain_terms)
+        entropy = flow.chain_entropy(sigma, self.chain_terms)
         return EvaluateOutput(log_prob=log_prob, value=self.value_head(obs_emb).squeeze(-1), entropy=entropy)
 
     # ----- supervised flow matching -------------------------------------------------------------
@@ -303,11 +305,11 @@ class CompactVLA(Policy):
         save_file(state, os.path.join(path, WEIGHTS_FILE))
 
     @classmethod
-    def load(cls, path: str, map_location: str = "cpu") -> "CompactVLA":
+    def load(cls, path: str, map_location: str = "cpu", overrides: Optional[Mapping] = None) -> "CompactVLA":
         from safetensors.torch import load_file
 
         with open(os.path.join(path, CONFIG_FILE)) as f:
-            cfg = json.load(f)
+            cfg = merged(json.load(f), overrides)
         policy = cls(cfg)
         policy.load_state_dict(load_file(os.path.join(path, WEIGHTS_FILE)))
         return policy.to(map_location)

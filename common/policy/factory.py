@@ -47,8 +47,21 @@ def make_policy(policy_cfg: Mapping, stats: Optional[Mapping] = None) -> Policy:
     return _backend(cfg["name"])(cfg, stats)
 
 
-def load_policy(path: str, map_location: str = "cpu") -> Policy:
-    """Rebuild a policy saved with ``policy.save(path)`` from its config.json and weights."""
+def merged(cfg: dict, overrides: Optional[Mapping]) -> dict:
+    """``cfg`` with ``overrides`` merged in, nested mappings key by key; a None value keeps the key."""
+    out = dict(cfg)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def load_policy(path: str, map_location: str = "cpu", overrides: Optional[Mapping] = None) -> Policy:
+    """Rebuild a policy saved with ``policy.save(path)`` from its config.json and weights.
+    ``overrides`` (e.g. ``{"noise": {"score": "executed"}}``) replace saved config values that do
+    not change the architecture: RL-time settings of a Stage I policy."""
     with open(os.path.join(path, "config.json")) as f:
         name = json.load(f)["name"]
-    return _backend(name).load(path, map_location=map_location)
+    return _backend(name).load(path, map_location=map_location, overrides=plain_dict(overrides or {}))

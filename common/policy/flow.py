@@ -11,15 +11,40 @@ Stochastic denoising for RL (flow-noise, as ReinFlow / RLinf's flow-noise for pi
 step is a Gaussian transition x_{k+1} ~ N(x_k + dt * v, sigma_k^2 I). Given the stored chain
 x_0..x_K, log p(chain) = sum_k log N(x_{k+1}; mean_k, sigma_k^2), exactly. The initial-noise
 density log N(x_0; 0, I) does not depend on the weights and is left out.
+
+Which terms enter log p (``ChainScoring``, the policy config's ``noise.stochastic_steps`` and
+``noise.score``): a step that adds no noise (``stochastic_steps: last`` keeps only the last one
+stochastic, as DPPO fine-tunes the last denoising steps) is the deterministic Euler step and has no
+term; ``score: executed`` leaves out the last step's terms for the chunk positions the actor does not
+execute. Those draws reach neither the env nor a later step, so their score has zero mean given the
+rest: the policy gradient keeps its expectation and loses their variance (PPO's ratio is then a
+density over fewer dimensions: with K = 4, H = 8, k = 4, 196 or, with ``last``, 28 instead of 224).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 LOG_2PI = math.log(2.0 * math.pi)
+STOCHASTIC_STEPS = ("all", "last")
+SCORES = ("chunk", "executed")
+
+
+def scored_terms(num_steps: int, chunk_size: int, exec_horizon: int, stochastic_steps: str = "all",
+                 score: str = "chunk") -> torch.Tensor:
+    """[K, H] bool: the transition terms (step, chunk position) that enter log p(chain). A step
+    is stochastic iff its row has any True (every step is scored at chunk position 0)."""
+    if stochastic_steps not in STOCHASTIC_STEPS or score not in SCORES:
+        raise ValueError(f"noise.stochastic_steps={stochastic_steps!r} (expected one of {STOCHASTIC_STEPS}), "
+                         f"noise.score={score!r} (expected one of {SCORES})")
+    terms = torch.ones(num_steps, chunk_size, dtype=torch.bool, device="cpu")  # also under torch.device("meta")
+    if stochastic_steps == "last":
+        terms[:-1] = False
+    if score == "executed":
+        terms[-1, exec_horizon:] = False
+    return terms
 
 
 def interpolate(noise: torch.Tensor, actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -86,15 +111,25 @@ def gaussian_entropy(sigma: torch.Tensor) -> torch.Tensor:
     return 0.5 * (LOG_2PI + 1.0) + torch.log(sigma)
 
 
-def chain_log_prob(chain: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def chain_log_prob(chain: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor,
+                   terms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[B]: log-density of a stored chain's K transitions (chain [B, K+1, H, A]; mean, sigma
-    [B, K, H, A]), summed in float64 so that sample and evaluate agree to float precision."""
-    return gaussian_log_prob(chain[:, 1:], mean, sigma).double().sum((1, 2, 3)).float()
+    [B, K, H, A]) over the ``terms`` [K, H] that are scored (None: all), summed in float64 so that
+    sample and evaluate agree to float precision."""
+    log_p = gaussian_log_prob(chain[:, 1:], mean, sigma)
+    if terms is not None:
+        log_p = torch.where(terms[None, :, :, None], log_p, torch.zeros((), dtype=log_p.dtype, device=log_p.device))
+    return log_p.double().sum((1, 2, 3)).float()
 
 
-def chain_entropy(sigma: torch.Tensor) -> torch.Tensor:
-    """[B]: entropy of the K Gaussian transitions with noise levels ``sigma`` [B, K, H, A]."""
-    return gaussian_entropy(sigma).double().sum((1, 2, 3)).float()
+def chain_entropy(sigma: torch.Tensor, terms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B]: entropy of the scored (``terms`` [K, H]; None: all) Gaussian transitions with noise
+    levels ``sigma`` [B, K, H, A]."""
+    entropy = gaussian_entropy(sigma)
+    if terms is not None:
+        entropy = torch.where(terms[None, :, :, None], entropy, torch.zeros((), dtype=entropy.dtype,
+                                                                            device=entropy.device))
+    return entropy.double().sum((1, 2, 3)).float()
 
 
 def masked_mean(err: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
@@ -105,18 +140,30 @@ def masked_mean(err: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
     return (err * keep).sum() / keep.sum().clamp_min(1.0)
 
 
-def sample_chain(x0: torch.Tensor, num_steps: int, transition, noise) -> tuple[torch.Tensor, torch.Tensor]:
-    """K stochastic Euler steps x_{k+1} ~ N(mean_k, sigma_k^2) from ``x0`` [B, H, A].
+def sample_chain(x0: torch.Tensor, num_steps: int, transition, noise, terms: Optional[torch.Tensor] = None,
+                 stochastic: Optional[Sequence[bool]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K Euler steps from ``x0`` [B, H, A]: x_{k+1} ~ N(mean_k, sigma_k^2) where ``stochastic[k]``
+    (None: every step), else x_{k+1} = mean_k; ``terms`` [K, H] as in ``scored_terms`` (None: all).
+    ``stochastic`` is plain Python (``terms.any(1)`` read once by the caller), so that the loop
+    never reads the device (CUDA graph capture).
 
     ``transition(x, step)`` gives (mean, sigma) of step ``step`` [B]; ``noise()`` a fresh standard
-    normal draw like ``x0``. Returns the chain [B, K+1, H, A] and its log-probability [B], summed
-    in float64 so that it equals ``chain_log_prob`` of the same chain (the batched evaluation)."""
+    normal draw like ``x0``. Returns the chain [B, K+1, H, A] and its log-probability [B] over the
+    scored terms, summed in float64 so that it equals ``chain_log_prob`` of the same chain (the
+    batched evaluation)."""
     B = x0.shape[0]
     x, chain = x0, [x0]
+    stochastic = [True] * num_steps if stochastic is None else list(stochastic)
     log_prob = torch.zeros(B, dtype=torch.float64, device=x0.device)
     for k in range(num_steps):
         mean, sigma = transition(x, torch.full((B,), k, device=x0.device))
-        x = mean + sigma * noise()
-        log_prob = log_prob + gaussian_log_prob(x, mean, sigma).double().sum((1, 2))
+        if not stochastic[k]:
+            x = mean
+        else:
+            x = mean + sigma * noise()
+            log_p = gaussian_log_prob(x, mean, sigma)
+            if terms is not None:
+                log_p = log_p * terms[k][None, :, None]
+            log_prob = log_prob + log_p.double().sum((1, 2))
         chain.append(x)
     return torch.stack(chain, 1), log_prob.float()

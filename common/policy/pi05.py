@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import flow
 from .base import EvaluateOutput, Obs, Policy, SampleOutput
-from .factory import plain_dict
+from .factory import merged, plain_dict
 from .normalizer import Normalizer
 from .pi05_checkpoint import EMBED_KEY, LM_HEAD_KEY, OUR_PREFIXES, check_and_load, to_file_state
 from .pi05_model import Pi05Model, PrefixCache
@@ -176,7 +176,7 @@ class Pi05Policy(Policy):
             return self._mean_sigma(x, *self.velocity_joint(x, t, embs, pad), step)
 
         chain, log_prob = flow.sample_chain(self._noise(B, generator), self.num_denoise_steps, transition,
-                                            lambda: self._noise(B, generator))
+                                            lambda: self._noise(B, generator), self.chain_terms, self.stochastic_steps)
         return SampleOutput(actions=self._to_env(chain[:, -1]), chain=chain, log_prob=log_prob,
                             value=self.model.value(cache.hidden, cache.pad))
 
@@ -184,7 +184,8 @@ class Pi05Policy(Policy):
         cache = self.prefix_cache(obs)
         chain = chain.float()
         mean, sigma = self.chain_transitions(cache, chain)
-        log_prob, entropy = flow.chain_log_prob(chain, mean, sigma), flow.chain_entropy(sigma)
+        log_prob = flow.chain_log_prob(chain, mean, sigma, self.chain_terms)
+        entropy = flow.chain_entropy(sigma, self.chain_terms)
         return EvaluateOutput(log_prob=log_prob, value=self.model.value(cache.hidden, cache.pad), entropy=entropy)
 
     # ----- supervised flow matching -------------------------------------------------------------
@@ -283,11 +284,11 @@ class Pi05Policy(Policy):
         save_file(to_file_state(self), os.path.join(path, WEIGHTS_FILE))
 
     @classmethod
-    def load(cls, path: str, map_location: str = "cpu") -> "Pi05Policy":
+    def load(cls, path: str, map_location: str = "cpu", overrides: Optional[Mapping] = None) -> "Pi05Policy":
         from safetensors.torch import load_file
 
         with open(os.path.join(path, CONFIG_FILE)) as f:
-            cfg = json.load(f)["tandem"]
+            cfg = merged(json.load(f)["tandem"], overrides)
         cfg = dict(cfg, checkpoint=None, tokenizer=os.path.join(path, TOKENIZER_DIR))
         policy = cls(cfg)
         check_and_load(policy, load_file(os.path.join(path, WEIGHTS_FILE)), source=os.path.join(path, WEIGHTS_FILE))

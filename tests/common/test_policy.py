@@ -75,6 +75,36 @@ def test_sample_log_prob_equals_evaluate(mode):
     torch.testing.assert_close(out.actions, expected)
 
 
+@pytest.mark.parametrize("steps,score", [("all", "executed"), ("last", "chunk"), ("last", "executed")])
+def test_scored_terms_of_the_chain(steps, score):
+    """noise.stochastic_steps / noise.score: sample and evaluate agree on the same terms, the
+    deterministic steps are the plain Euler step, and the log-prob is exactly the sum of the
+    scored Gaussian terms."""
+    policy = make_tiny(f"noise.stochastic_steps={steps}", f"noise.score={score}")
+    K, H, k = policy.num_denoise_steps, policy.chunk_size, policy.exec_horizon
+    assert k < H  # the tiny preset executes part of its chunk, so "executed" drops terms
+    obs = make_obs(policy, 5)
+    with torch.no_grad():
+        out = policy.sample(obs, generator=torch.Generator().manual_seed(2))
+        ev = policy.evaluate(obs, out.chain)
+        mean, sigma = policy.chain_transitions(policy.encode(obs), out.chain)
+    torch.testing.assert_close(out.log_prob, ev.log_prob, atol=1e-4, rtol=0)
+    terms = torch.ones(K, H, dtype=torch.bool)
+    if steps == "last":
+        terms[:-1] = False
+        torch.testing.assert_close(out.chain[:, 1:K], mean[:, :K - 1], atol=1e-5, rtol=0)  # no noise added
+    if score == "executed":
+        terms[-1, k:] = False
+    assert torch.equal(policy.chain_terms, terms)
+    z = (out.chain[:, 1:] - mean) / sigma
+    by_hand = (-0.5 * z ** 2 - sigma.log() - 0.5 * math.log(2 * math.pi)) * terms[None, :, :, None]
+    torch.testing.assert_close(ev.log_prob, by_hand.double().sum((1, 2, 3)).float(), atol=1e-3, rtol=0)
+    expected_entropy = (terms[None, :, :, None] * (0.5 * (math.log(2 * math.pi) + 1) + sigma.log())).sum((1, 2, 3))
+    torch.testing.assert_close(ev.entropy, expected_entropy, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="noise.stochastic_steps='first'"):
+        make_tiny("noise.stochastic_steps=first")
+
+
 def test_sampler_draws_from_the_transitions_it_scores():
     policy = make_tiny()
     obs = make_obs(policy, 64)
@@ -217,6 +247,20 @@ def test_save_load_gives_identical_outputs(tmp_path):
     # the normaliser's statistics came back from the weights file alone
     assert torch.equal(loaded.normalizer.action_std, policy.normalizer.action_std)
     assert loaded.normalizer.has_stats.tolist() == [1.0, 1.0]
+
+
+def test_load_with_overrides_changes_the_chain_scoring_not_the_weights(tmp_path):
+    """Stage II's learner.policy_noise: a saved Stage I policy loaded with other noise.* settings."""
+    policy = make_tiny()
+    policy.save(str(tmp_path / "ckpt"))
+    loaded = load_policy(str(tmp_path / "ckpt"), overrides={"noise": {"stochastic_steps": "last", "score": None}})
+    assert loaded.cfg["noise"]["stochastic_steps"] == "last" and loaded.cfg["noise"]["score"] == policy.cfg["noise"]["score"]
+    assert loaded.stochastic_steps == (False,) * (policy.num_denoise_steps - 1) + (True,)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in policy.state_dict().items())
+    obs = make_obs(policy, 2)
+    assert torch.equal(policy.act(obs), loaded.act(obs))  # the deterministic policy is the same
+    loaded.save(str(tmp_path / "stage2"))  # and a Stage II checkpoint keeps the setting
+    assert load_policy(str(tmp_path / "stage2")).stochastic_steps == loaded.stochastic_steps
 
 
 def test_results_do_not_depend_on_batch_composition():

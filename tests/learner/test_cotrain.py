@@ -12,8 +12,8 @@ from common.device import autocast
 from common.policy import make_policy
 from common.segment import SegmentSpec
 from learner.batcher import Batcher
-from learner.cotrain import cotrain_loss, loss_ratio, make_optimizer, reduce_stats, sft_inputs, train_step, \
-    with_loss_ratio
+from learner.cotrain import cotrain_loss, loss_ratio, make_optimizer, reduce_stats, sft_inputs, split_segments, \
+    train_step, with_loss_ratio
 from learner.metrics import LossRatioMonitor, MetricsWriter
 from learner.ppo import ppo_loss
 from numeric import assert_close_to_norm, relative_error
@@ -298,6 +298,38 @@ def test_target_kl_stops_the_epochs_of_an_update():
         done[target] = train_step(policy, make_optimizer(policy, c), sim, c)["train/epochs_done"]
     assert done[None] == 4.0
     assert done[1e-12] == 1.0  # the first epoch always steps; the second is already past a tiny KL
+
+
+def test_minibatches_are_sequential_steps_on_parts_of_the_batch():
+    """num_minibatches=2 over 4 segments: two optimiser steps, the same as two updates on the halves."""
+    cfg = make_cfg("learner.use_real_data_co_training=false", "learner.micro_batch_size=1")
+    lcfg = OmegaConf.merge(cfg.learner, {"lr": 1e-3})
+    policy, reference = new_policy(cfg), new_policy(cfg)
+    sim = make_sim_batch(policy, 4)
+    stats = train_step(policy, make_optimizer(policy, OmegaConf.merge(lcfg, {"num_minibatches": 2})), sim,
+                       OmegaConf.merge(lcfg, {"num_minibatches": 2}))
+    assert (stats["train/optimizer_steps"], stats["train/epochs_done"]) == (2.0, 1.0)
+    optimizer = make_optimizer(reference, lcfg)
+    halves = split_segments(sim, 2)
+    for half in halves:
+        train_step(reference, optimizer, half, lcfg)
+    initial = new_policy(cfg).state_dict()
+    moved = 0
+    for name, want in reference.state_dict().items():
+        torch.testing.assert_close(policy.state_dict()[name], want, atol=1e-6, rtol=0, msg=name)
+        moved += int(not torch.equal(want, initial[name]))
+    assert moved > 10
+    with pytest.raises(ValueError, match="num_minibatches=5"):
+        train_step(policy, optimizer, sim, OmegaConf.merge(lcfg, {"num_minibatches": 5}))
+
+
+def test_target_kl_stops_at_a_minibatch_step():
+    cfg = make_cfg("learner.use_real_data_co_training=false", "learner.micro_batch_size=1", "learner.update_epoch=2",
+                   "learner.num_minibatches=2")
+    policy = new_policy(cfg)
+    c = OmegaConf.merge(cfg.learner, {"target_kl": 1e-12, "lr": 1e-3})
+    stats = train_step(policy, make_optimizer(policy, c), make_sim_batch(policy, 4), c)
+    assert stats["train/optimizer_steps"] == 1.0  # the first step always steps; the second is past a tiny KL
 
 
 def test_segment_value_checks_name_each_fault():
