@@ -117,7 +117,7 @@ def worker(args) -> None:
         Path(args.out).write_text(json.dumps(result))
     else:
         trainer.follow()
-    torch.distributed.destroy_process_group()
+    distributed.shutdown(ctx, trainer)
 
 
 def launch(args, nproc: int) -> dict:

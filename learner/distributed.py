@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import gc
 import logging
 import math
 import os
@@ -266,6 +267,10 @@ class DataParallelTrainer:
             prefix = "policy."
             self.policy.load_state_dict({k[len(prefix):]: v for k, v in full.items()})
 
+    def close(self):
+        """Drop the wrapped model (DDP's C++ Reducer owns a reference to the process group): see ``shutdown``."""
+        self.model = None
+
     # -- ranks 1..N-1 -------------------------------------------------------------------------
     def follow(self) -> int:
         """Train on every shard rank 0 scatters until it says stop; returns the number of updates."""
@@ -341,10 +346,33 @@ def run_follower(cfg: DictConfig, ctx: Context) -> int:
     return 0
 
 
+def shutdown(ctx: Context, trainer: Optional[DataParallelTrainer] = None) -> None:
+    """Leave the process group: every rank's last call, after its last collective.
+
+    ``destroy_process_group`` alone can deadlock a rank for ever (no collective is waiting, so no timeout
+    fires): ProcessGroupGloo's destructor waits for its worker threads, and a worker may still be releasing
+    the tensors of the last collective, which takes the GIL. A Python handle on a group drops its reference
+    with the GIL released; C++ owners drop theirs with the GIL held: DDP's Reducer (freed by the cyclic GC
+    at any later moment: DDP sits in a reference cycle) and torch's group registry (inside
+    ``destroy_process_group``). Whichever drops the last reference runs the destructor, so with a C++ owner
+    last, the destructor holds the GIL the worker waits for (pytorch/pytorch#56297; seen as a test whose
+    two ranks connected and then hung until pytest's timeout). Hence the order: free the DDP wrapper while
+    the group is registered, destroy the group while Python handles on it are held here, then drop them."""
+    if trainer is not None:
+        trainer.close()
+    gc.collect()  # an unreachable DDP wrapper (e.g. a returned follower's) goes now, not after the destroy
+    if not dist.is_initialized():
+        return
+    handles = [ctx.data_group, dist.group.WORLD]
+    dist.destroy_process_group()
+    del handles  # the last references, released without the GIL
+
+
 def run(cfg: DictConfig, learner_cls) -> int:
     """Entry point of every rank under torchrun; ``learner_cls`` is ``learner.main.Learner``."""
     ctx = init(cfg.learner.distributed, str(cfg.learner.device))
     cfg = OmegaConf.merge(cfg, {"learner": {"device": str(ctx.device)}})
+    leader = None
     try:
         if ctx.rank == 0:
             leader = type("DataParallelLearner", (LeaderMixin, learner_cls), {})(cfg)
@@ -352,4 +380,4 @@ def run(cfg: DictConfig, learner_cls) -> int:
             return leader.run()
         return run_follower(cfg, ctx)
     finally:
-        dist.destroy_process_group()
+        shutdown(ctx, getattr(leader, "trainer", None))

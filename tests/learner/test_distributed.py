@@ -1,9 +1,11 @@
 """Data-parallel learner (learner/distributed.py): two gloo ranks on the CPU update the weights
 exactly as one process does on the same data, co-training SFT term included."""
+import faulthandler
 import math
 import os
 import socket
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -21,6 +23,11 @@ from numeric import assert_close_to_norm
 
 T, IMAGE_HW, SEGMENTS, REAL = 3, (16, 16), 4, 4
 WEIGHT_ATOL = 1e-5
+# a hang fails fast and says where instead of waiting for pytest's timeout: a rank stuck in a collective
+# raises after IDLE_TIMEOUT_S (the default, a day, is for rank 0 waiting for actors); one stuck anywhere
+# else (e.g. a teardown deadlock, GIL held) dumps every thread's Python stack and exits after RANK_DEADLINE_S
+# (faulthandler's watchdog needs no GIL)
+IDLE_TIMEOUT_S, RANK_DEADLINE_S = 120, 300  # both well below pytest's 600 s, above a loaded CI's worst
 OVERRIDES = ["policy=tiny", "device=cpu", f"learner.global_batch_size={SEGMENTS}", f"learner.micro_batch_size={SEGMENTS}",
              f"learner.real_batch_size={REAL}", "learner.update_epoch=2"]
 
@@ -95,10 +102,13 @@ def reference(co_train: bool, micro_batch_size: int):
 
 def _rank(rank, world_size, port, co_train, strategy, out_dir):
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(RANK_DEADLINE_S, exit=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cfg = load_config("config", OVERRIDES + [f"learner.distributed.strategy={strategy}"])
+    cfg = load_config("config", OVERRIDES + [f"learner.distributed.strategy={strategy}",
+                                             f"learner.distributed.idle_timeout_s={IDLE_TIMEOUT_S}"])
     ctx = distributed.init(cfg.learner.distributed, "cpu")
+    trainer = None
     try:
         policy = new_policy(cfg)
         trainer = distributed.DataParallelTrainer(policy, optimizer_for, cfg.learner, ctx)
@@ -112,7 +122,7 @@ def _rank(rank, world_size, port, co_train, strategy, out_dir):
                     if strategy == "ddp" else {}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown(ctx, trainer)
 
 
 def free_port() -> int:
@@ -153,10 +163,12 @@ def test_two_ranks_update_like_one_process(tmp_path, strategy, co_train):
 
 def _rank_with_nan_on_rank1(rank, world_size, port, out_dir):
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(RANK_DEADLINE_S, exit=True)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cfg = load_config("config", OVERRIDES)
+    cfg = load_config("config", OVERRIDES + [f"learner.distributed.idle_timeout_s={IDLE_TIMEOUT_S}"])
     ctx = distributed.init(cfg.learner.distributed, "cpu")
+    trainer = None
     try:
         agree = [distributed.any_rank(rank == 1, ctx.data_group), distributed.any_rank(False, ctx.data_group)]
         policy = new_policy(cfg)
@@ -170,7 +182,7 @@ def _rank_with_nan_on_rank1(rank, world_size, port, out_dir):
             stats = trainer.follow()
         torch.save({"weights": policy.state_dict(), "stats": stats, "agree": agree}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown(ctx, trainer)
 
 
 def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path):
@@ -200,3 +212,22 @@ def test_shards_and_real_samples_per_rank():
     assert distributed.real_sample_plan(rank_cfg, 4) == [math.ceil(3 * 3 / 4), math.ceil(3 * 1 / 4)]
     with pytest.raises(ValueError, match="multiple of the number of ranks"):
         distributed.per_rank_config(lcfg, 3)
+
+
+def test_shutdown_frees_the_ddp_wrapper_before_it_destroys_the_group(monkeypatch):
+    """DDP's Reducer must not hold the last reference to the group: its destructor would then run
+    ProcessGroupGloo's with the GIL held and can deadlock the rank (see ``distributed.shutdown``)."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        cfg = load_config("config", OVERRIDES)
+        ctx = distributed.Context(0, 1, torch.device("cpu"), torch.distributed.group.WORLD)
+        trainer = distributed.DataParallelTrainer(new_policy(cfg), optimizer_for, cfg.learner, ctx)
+        wrapper = weakref.ref(trainer.model)
+        destroy, alive_at_destroy = torch.distributed.destroy_process_group, []
+        monkeypatch.setattr(torch.distributed, "destroy_process_group",
+                            lambda: (alive_at_destroy.append(wrapper() is not None), destroy()))
+        distributed.shutdown(ctx, trainer)
+        assert alive_at_destroy == [False] and not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
