@@ -80,13 +80,9 @@ def bandit_batch(policy, obs: dict, target: torch.Tensor, generator: torch.Gener
 
 
 def deterministic_executed(policy, obs: dict) -> torch.Tensor:
-    """``policy.act``'s executed actions, normalised, with gradient: the Euler ODE from x_0 = 0."""
+    """``policy.act``'s executed actions, normalised, with gradient: its ODE from x_0 = 0."""
     obs_emb = policy.encode(obs)
-    B, K = obs_emb.shape[0], policy.num_denoise_steps
-    x = torch.zeros(B, policy.chunk_size, policy.action_dim)
-    for k in range(K):
-        velocity, _ = policy.expert(x, torch.full((B,), k / K), obs_emb)
-        x = x + velocity / K
+    x = policy.ode(obs_emb, torch.zeros(obs_emb.shape[0], policy.chunk_size, policy.action_dim))
     return x[:, :policy.exec_horizon].clamp(-policy.action_clip, policy.action_clip)
 
 

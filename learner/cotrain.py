@@ -177,7 +177,8 @@ def optimizer_update(model: torch.nn.Module, policy, optimizer: torch.optim.Opti
                      real_batches: Optional[RealBatches], critic_only: bool = False,
                      sync: GradSync = ONE_RANK) -> dict[str, float]:
     """``cfg.update_epoch`` passes over one (shard of a) sim batch, each split into
-    ``cfg.num_minibatches`` minibatches of segments with one optimiser step each (PPO's minibatches).
+    ``cfg.num_minibatches`` minibatches of segments (ceil-sized, so for a batch that does not divide
+    evenly possibly fewer) with one optimiser step each (PPO's minibatches).
     A step accumulates gradients over micro-batches of ``cfg.micro_batch_size`` segments (each with
     its share of ``cfg.real_batch_size`` real samples per minibatch from ``real_batches``; None: plain
     PPO), clips the global grad norm to ``cfg.clip_grad`` and steps; a step whose loss or gradient is
@@ -239,7 +240,7 @@ def optimizer_update(model: torch.nn.Module, policy, optimizer: torch.optim.Opti
             break
     stats = with_loss_ratio(sync.reduce(reduce_stats(per_micro, weights)), cfg)
     stats["train/optimizer_steps"] = float(steps_done)
-    stats["train/epochs_done"] = steps_done / num_minibatches
+    stats["train/epochs_done"] = steps_done / len(minibatches)  # ceil-sized parts: at most num_minibatches
     stats["train/skipped_nonfinite_steps"] = float(skipped)
     stats["train/grad_norm"] = float(torch.stack(grad_norms).float().mean()) if grad_norms else float("nan")
     stats["train/lr"] = float(optimizer.param_groups[0]["lr"])

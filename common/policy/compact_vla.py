@@ -270,6 +270,15 @@ class CompactVLA(Policy):
         return (errors, obs_emb) if return_obs_emb else errors
 
     # ----- deterministic ODE -----------------------------------------------------------------
+    def ode(self, obs_emb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The K Euler steps without noise from ``x`` [B, H, A] -> normalised actions [B, H, A]
+        (differentiable; ``act`` runs it without gradient)."""
+        B = obs_emb.shape[0]
+        for k in range(self.num_denoise_steps):
+            velocity, _ = self.expert(x, torch.full((B,), k / self.num_denoise_steps, device=x.device), obs_emb)
+            x = x + velocity / self.num_denoise_steps
+        return x
+
     @torch.no_grad()
     def act(self, obs: Obs, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Euler ODE over the same K steps without noise. Starts from x_0 = 0 (the noise mode), so it
@@ -278,10 +287,7 @@ class CompactVLA(Policy):
         B = obs_emb.shape[0]
         x = (self._noise(B, obs_emb, generator) if generator is not None
              else torch.zeros(B, self.chunk_size, self.action_dim, device=obs_emb.device))
-        for k in range(self.num_denoise_steps):
-            velocity, _ = self.expert(x, torch.full((B,), k / self.num_denoise_steps, device=x.device), obs_emb)
-            x = x + velocity / self.num_denoise_steps
-        return self._to_env(x)
+        return self._to_env(self.ode(obs_emb, x))
 
     # ----- helpers -----------------------------------------------------------------------------
     def _noise(self, B: int, like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

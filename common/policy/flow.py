@@ -111,25 +111,26 @@ def gaussian_entropy(sigma: torch.Tensor) -> torch.Tensor:
     return 0.5 * (LOG_2PI + 1.0) + torch.log(sigma)
 
 
+def scored_sum(values: torch.Tensor, terms: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B] float64: the sum of element-wise ``values`` [B, K, H, A] over the ``terms`` [K, H]
+    that are scored (None: all)."""
+    if terms is not None:
+        values = values * terms[None, :, :, None]
+    return values.double().sum((1, 2, 3))
+
+
 def chain_log_prob(chain: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor,
                    terms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[B]: log-density of a stored chain's K transitions (chain [B, K+1, H, A]; mean, sigma
     [B, K, H, A]) over the ``terms`` [K, H] that are scored (None: all), summed in float64 so that
     sample and evaluate agree to float precision."""
-    log_p = gaussian_log_prob(chain[:, 1:], mean, sigma)
-    if terms is not None:
-        log_p = torch.where(terms[None, :, :, None], log_p, torch.zeros((), dtype=log_p.dtype, device=log_p.device))
-    return log_p.double().sum((1, 2, 3)).float()
+    return scored_sum(gaussian_log_prob(chain[:, 1:], mean, sigma), terms).float()
 
 
 def chain_entropy(sigma: torch.Tensor, terms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[B]: entropy of the scored (``terms`` [K, H]; None: all) Gaussian transitions with noise
     levels ``sigma`` [B, K, H, A]."""
-    entropy = gaussian_entropy(sigma)
-    if terms is not None:
-        entropy = torch.where(terms[None, :, :, None], entropy, torch.zeros((), dtype=entropy.dtype,
-                                                                            device=entropy.device))
-    return entropy.double().sum((1, 2, 3)).float()
+    return scored_sum(gaussian_entropy(sigma), terms).float()
 
 
 def masked_mean(err: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
@@ -162,8 +163,6 @@ def sample_chain(x0: torch.Tensor, num_steps: int, transition, noise, terms: Opt
         else:
             x = mean + sigma * noise()
             log_p = gaussian_log_prob(x, mean, sigma)
-            if terms is not None:
-                log_p = log_p * terms[k][None, :, None]
-            log_prob = log_prob + log_p.double().sum((1, 2))
+            log_prob = log_prob + scored_sum(log_p[:, None], None if terms is None else terms[k:k + 1])
         chain.append(x)
     return torch.stack(chain, 1), log_prob.float()
