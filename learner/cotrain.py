@@ -128,6 +128,22 @@ def make_optimizer(policy, cfg) -> torch.optim.Optimizer:
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
 
+def warm_up_actor_lr(optimizer: torch.optim.Optimizer, warmup_steps: int) -> None:
+    """Linear warm-up of the actor group's rate over its first ``warmup_steps`` optimiser steps (counted
+    by Adam's own step count, so it is the same on every rank and survives a resume).
+    Why: a fresh Adam moves every parameter by ~lr in its first step whatever the gradient's size
+    (bias-corrected m / sqrt(v) = sign(g)), and the target KL cannot stop an update's first step: every
+    Stage II run on the H200 opened with approx. KL 0.12-0.3 and a clip fraction up to 0.55 at the first
+    actor update, 10x the later ones (docs/stage2.md, experiment 4)."""
+    for group in optimizer.param_groups:
+        if group.get("name") != "actor" or warmup_steps <= 0:
+            continue
+        # max over the group: a parameter that got no gradient yet (e.g. an unused token) has no state
+        done = max((int(optimizer.state[p]["step"]) for p in group["params"] if "step" in optimizer.state.get(p, {})),
+                   default=0)
+        group["lr"] = group["base_lr"] * min(1.0, (done + 1) / warmup_steps)
+
+
 def split_segments(batch: dict, micro_batch_size: int) -> list[dict]:
     """Split a [T(+1), B, ...] batch along B (segments are independent, so V-trace is exact per part).
     One-dimensional entries (per-segment, e.g. ``policy_lag`` [B]) are split along dim 0."""
@@ -197,6 +213,7 @@ def optimizer_update(model: torch.nn.Module, policy, optimizer: torch.optim.Opti
     amp = autocast_dtype(cfg.get("autocast_dtype"))
     per_micro, weights, grad_norms, real_samples = [], [], [], 0
     target_kl, steps_done, skipped, stopped = cfg.get("target_kl"), 0, 0, False
+    last_kl = None  # the KL of the last forward pass, a stopping step's included (its stats are dropped)
     for epoch in range(cfg.update_epoch):
         micro_index = 0  # real_batches' micro-batch index within the epoch
         for step_in_epoch, micro_batches in enumerate(minibatches):
@@ -217,11 +234,12 @@ def optimizer_update(model: torch.nn.Module, policy, optimizer: torch.optim.Opti
                     (total * share).backward()
                 per_micro.append(stats)
                 weights.append(micro["reward"].shape[1] / num_segments)
+            last_kl = (sum(w * s["train/approx_kl"].float() for s, w in zip(per_micro[first_micro:], weights[first_micro:]))
+                       / sum(weights[first_micro:]))
             if target_kl and (epoch > 0 or step_in_epoch > 0):
                 # early stop (PPO's target KL): this step's forward pass already moved too far from the
                 # behaviour policy, so its step is skipped and the update ends
-                kl = (sum(w * float(s["train/approx_kl"]) for s, w in zip(per_micro[first_micro:], weights[first_micro:]))
-                      / sum(weights[first_micro:]))
+                kl = float(last_kl)
                 if sync.any_rank(kl > target_kl):
                     del per_micro[first_micro:], weights[first_micro:]
                     optimizer.zero_grad(set_to_none=True)
@@ -234,15 +252,20 @@ def optimizer_update(model: torch.nn.Module, policy, optimizer: torch.optim.Opti
                 skipped += 1
                 continue
             grad_norms.append(grad_norm)  # identical on every rank: the gradients are
+            if not critic_only:
+                warm_up_actor_lr(optimizer, int(cfg.get("actor_lr_warmup_steps") or 0))
             optimizer.step()
             steps_done += 1
         if stopped:
             break
     stats = with_loss_ratio(sync.reduce(reduce_stats(per_micro, weights)), cfg)
+    # train/approx_kl averages the applied steps' forward passes (0 at the first); this is how far the
+    # update had moved when it ended: with one step per pass, the KL after the first step
+    stats["train/approx_kl_last"] = float(sync.reduce({"kl": float(last_kl)})["kl"]) if last_kl is not None else 0.0
     stats["train/optimizer_steps"] = float(steps_done)
     stats["train/epochs_done"] = steps_done / len(minibatches)  # ceil-sized parts: at most num_minibatches
     stats["train/skipped_nonfinite_steps"] = float(skipped)
     stats["train/grad_norm"] = float(torch.stack(grad_norms).float().mean()) if grad_norms else float("nan")
-    stats["train/lr"] = float(optimizer.param_groups[0]["lr"])
+    stats["train/lr"] = float(optimizer.param_groups[0]["lr"])  # the actor's (group 0), warm-up included
     stats["train/real_samples"] = sync.sum_over_ranks(float(real_samples))  # for the learner's counters
     return stats

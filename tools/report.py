@@ -47,6 +47,7 @@ METRICS = [
     Metric("throughput/sim_samples_per_s", "sim samples/s", "max"),
     Metric("sft/loss", "Stage I SFT loss", "min"),
     Metric("train/approx_kl", "approx. KL to the behaviour policy", None),
+    Metric("train/approx_kl_last", "approx. KL when the update ended", None),
     Metric("train/clip_fraction", "PPO clip fraction", None),
     Metric("train/explained_variance", "value explained variance", "max"),
     Metric("rollout/success_rate_in_batch", "success in trained batches (stochastic)", "max"),
@@ -81,7 +82,7 @@ FIGURES = [
             Panel("actor/total_loss", ("actor/total_loss",)), Panel("train/loss_ratio", ("train/loss_ratio",), log_y=True))),
     # PPO's health: an update should move the policy by approx. KL ~0.01-0.02 with a clip fraction ~0.1
     Figure("ppo_health.png", "PPO step size and critic",
-           (Panel("approx. KL", ("train/approx_kl",), log_y=True), Panel("clip fraction", ("train/clip_fraction",)),
+           (Panel("approx. KL (solid: applied steps, dashed: at the end)", ("train/approx_kl", "train/approx_kl_last"), log_y=True), Panel("clip fraction", ("train/clip_fraction",)),
             Panel("value explained variance", ("train/explained_variance",)),
             Panel("success in trained batches", ("rollout/success_rate_in_batch",), ylim=SUCCESS_YLIM))),
     Figure("policy_lag.png", "Policy lag (versions; solid mean, dashed max)",

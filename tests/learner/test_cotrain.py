@@ -275,6 +275,28 @@ def test_actor_and_critic_learning_rates_and_a_frozen_encoder():
     assert not {id(p) for p in policy.encoder.parameters()} & {id(p) for g in optimizer.param_groups for p in g["params"]}
 
 
+def test_actor_lr_warms_up_over_its_first_optimiser_steps():
+    """Adam's first step moves each weight by exactly lr (m/sqrt(v) = sign(g)); the warm-up scales it."""
+    cfg = make_cfg("learner.use_real_data_co_training=false", "learner.lr=1e-3", "learner.value_lr=2e-3")
+    first_move = {}
+    for warmup in (0, 4):
+        lcfg = OmegaConf.merge(cfg.learner, {"actor_lr_warmup_steps": warmup, "update_epoch": 1})
+        policy = new_policy(cfg)
+        optimizer = make_optimizer(policy, lcfg)
+        sim = make_sim_batch(policy, 2)
+        train_step(policy, optimizer, sim, lcfg, critic_only=True)  # critic steps do not count for the actor
+        before = {n: p.detach().clone() for n, p in policy.expert.named_parameters()}
+        stats = train_step(policy, optimizer, sim, lcfg)
+        first_move[warmup] = max(float((p.detach() - before[n]).abs().max()) for n, p in policy.expert.named_parameters())
+        groups = {g["name"]: g for g in optimizer.param_groups}
+        assert groups["critic"]["lr"] == 2e-3
+        assert stats["train/lr"] == pytest.approx(1e-3 if warmup == 0 else 1e-3 / 4)
+        lrs = [train_step(policy, optimizer, sim, lcfg)["train/lr"] for _ in range(4)]
+        assert lrs == pytest.approx([1e-3] * 4 if warmup == 0 else [2e-3 / 4, 3e-3 / 4, 1e-3, 1e-3])
+    assert first_move[0] == pytest.approx(1e-3, rel=1e-3)
+    assert first_move[4] == pytest.approx(1e-3 / 4, rel=1e-3)
+
+
 def test_critic_only_updates_move_the_value_head_alone():
     cfg = make_cfg("learner.use_real_data_co_training=false")
     policy = new_policy(cfg)
@@ -290,14 +312,19 @@ def test_critic_only_updates_move_the_value_head_alone():
 def test_target_kl_stops_the_epochs_of_an_update():
     cfg = make_cfg("learner.use_real_data_co_training=false", "learner.update_epoch=4")
     sim = None
-    done = {}
+    done, stats = {}, {}
     for target in (None, 1e-12):
         policy = new_policy(cfg)
         sim = make_sim_batch(policy, 2)
         c = OmegaConf.merge(cfg.learner, {"target_kl": target, "lr": 1e-3})
-        done[target] = train_step(policy, make_optimizer(policy, c), sim, c)["train/epochs_done"]
+        stats[target] = train_step(policy, make_optimizer(policy, c), sim, c)
+        done[target] = stats[target]["train/epochs_done"]
     assert done[None] == 4.0
     assert done[1e-12] == 1.0  # the first epoch always steps; the second is already past a tiny KL
+    # the applied step's forward pass was on-policy; the stopping pass's KL is reported on its own
+    assert abs(stats[1e-12]["train/approx_kl"]) < 1e-6
+    assert stats[1e-12]["train/approx_kl_last"] > 1e-12
+    assert stats[None]["train/approx_kl_last"] > abs(stats[None]["train/approx_kl"]) / 4  # the last of 4 passes
 
 
 def test_minibatches_are_sequential_steps_on_parts_of_the_batch():
