@@ -171,7 +171,7 @@ def _env_worker(conn, index: int, env_cfg: Any, real_proxy: bool, seed: int, env
             return
         slots = RequestSlots.attach(msg[1], msg[2])
         spec = SegmentSpec(**msg[3])
-        k, gamma = int(seg["exec_horizon"]), float(seg["gamma"])
+        k, gamma, reward_scale = int(seg["exec_horizon"]), float(seg["gamma"]), float(seg["reward_scale"])
         img, st, ins, ins_len = slots["image"][index], slots["state"][index], slots["instr"][index], slots["instr_len"]
         lap_s, lap_n, steps_done = slots["lap_s"][index], slots["lap_n"][index], slots["env_steps"]
 
@@ -190,7 +190,7 @@ def _env_worker(conn, index: int, env_cfg: Any, real_proxy: bool, seed: int, env
             LAPS.lap("wait_server", t)
             return ok
 
-        builder = SegmentBuilder(spec, gamma, index)
+        builder = SegmentBuilder(spec, gamma, index, reward_scale)
         while True:
             if not request(obs, instr, REQ_SAMPLE):
                 break
@@ -325,7 +325,7 @@ class InferenceServer:
     """
 
     def __init__(self, policy, env_cfg: Any, num_envs: int, *, rollout_steps: int, gamma: float,
-                 real_proxy: bool = False, seed: int = 0, generator_seed: int = 0,
+                 reward_scale: float = 1.0, real_proxy: bool = False, seed: int = 0, generator_seed: int = 0,
                  batch_wait_ms: float = 1.0, full_batch: bool = False, env_factory: Optional[str] = None,
                  start_timeout_s: float = 300.0, max_queued_segments: int = 256, cuda_graphs: bool = False,
                  autocast_dtype: Optional[str] = None, cpu_affinity: Any = None, profile: bool = False):
@@ -353,7 +353,8 @@ class InferenceServer:
                 env_cfg = OmegaConf.to_yaml(env_cfg, resolve=True)
         except ImportError:  # pragma: no cover
             pass
-        seg = {"exec_horizon": policy.exec_horizon, "gamma": gamma, "profile": bool(profile)}
+        seg = {"exec_horizon": policy.exec_horizon, "gamma": gamma, "reward_scale": float(reward_scale),
+               "profile": bool(profile)}
         ctx = mp.get_context("spawn")
         seeds = [seed + 100_003 * i for i in range(self.num_envs)]  # as EnvPool: disjoint episode seeds
         cores = worker_cores(cpu_affinity, self.num_envs, sorted(os.sched_getaffinity(0)))

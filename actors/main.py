@@ -50,6 +50,7 @@ class Actor:
                        else make_policy(cfg.policy)).to(self.device).eval()
         self.version = -1
         self.gamma = float(cfg.learner.gamma)
+        self.reward_scale = float(cfg.learner.reward_scale)
         self.real_proxy = bool(acfg.real_proxy)
         env_seed = cfg.seed * 1_000_003 + acfg.seed_offset * 10_007
         # actor.inference=server (train mode): env worker processes + one batching inference server
@@ -61,6 +62,7 @@ class Actor:
 
             self.server = InferenceServer(
                 self.policy, cfg.env, acfg.num_envs, rollout_steps=acfg.rollout_steps, gamma=self.gamma,
+                reward_scale=self.reward_scale,
                 real_proxy=self.real_proxy, seed=env_seed, generator_seed=cfg.seed + acfg.seed_offset,
                 **server_options(acfg.server))
         else:
@@ -219,7 +221,7 @@ class Actor:
                     raise ValueError(f"this actor's segments {spec} differ from the layout the learner expects "
                                      f"{expected}: check env.image_size / env.camera and the policy")
                 self.ensure_ring(spec)
-                builders = [SegmentBuilder(spec, self.gamma, i) for i in range(B)]
+                builders = [SegmentBuilder(spec, self.gamma, i, self.reward_scale) for i in range(B)]
             for _ in range(T):
                 self.maybe_update_weights()  # only between chunks
                 o = self.batch_obs(obs, instr)

@@ -33,8 +33,9 @@ class SegmentStats:
 
 
 class SegmentBuilder:
-    def __init__(self, spec: SegmentSpec, gamma: float, env_index: int):
+    def __init__(self, spec: SegmentSpec, gamma: float, env_index: int, reward_scale: float = 1.0):
         self.spec, self.gamma, self.env_index = spec, float(gamma), env_index
+        self.reward_scale = float(reward_scale)
         self._new()
 
     def _new(self):
@@ -53,9 +54,11 @@ class SegmentBuilder:
         self.stats.versions.append(int(version))
 
     def record_result(self, r: ChunkResult, final_value: Optional[float] = None):
-        """Chunk-step t's outcome. A time-limit truncation bootstraps through the limit:
-        reward + gamma * V(final obs), ``final_value`` from the behaviour policy."""
-        reward = r.reward
+        """Chunk-step t's outcome, its reward times ``reward_scale`` (the value head's units). A
+        time-limit truncation bootstraps through the limit: reward + gamma * V(final obs),
+        ``final_value`` from the behaviour policy (already in those units). Episode returns in the
+        stats stay in the env's units."""
+        reward = r.reward * self.reward_scale
         if r.truncated:
             if final_value is None:
                 raise ValueError("a truncated chunk needs the value of its final observation")

@@ -51,3 +51,15 @@ def test_a_truncation_without_its_value_and_an_early_finish_are_refused():
         b.record_result(result(0.0, done=True, truncated=True))
     with pytest.raises(ValueError, match="0 of 3 chunk-steps"):
         b.finish(obs(0), tokens(0))
+
+
+def test_the_reward_scale_applies_to_env_rewards_not_to_the_bootstrap_value_or_the_returns():
+    b = SegmentBuilder(SPEC, GAMMA, env_index=0, reward_scale=0.1)
+    outcomes = [result(5.0), result(3.0, done=True, ret=8.0), result(2.0, done=True, truncated=True, ret=2.0)]
+    for t, r in enumerate(outcomes):
+        b.record_sample(obs(t), tokens(t), chain(t), log_prob=0.0, value=0.0, version=0)
+        b.record_result(r, final_value=4.0 if r.truncated else None)
+    seg, meta = b.finish(obs(0), tokens(0))
+    # V(final obs) is already in the value head's (scaled) units
+    np.testing.assert_allclose(seg["reward"], [0.5, 0.3, 0.2 + GAMMA * 4.0], rtol=1e-6)
+    assert meta["returns"] == [8.0, 2.0]  # what reports show: the env's own units
