@@ -5,7 +5,8 @@
 Design (rank 0 leads, the others follow):
 - rank 0 is the ordinary ``Learner``: it alone binds the data, control and weights sockets, runs
   the ingest thread and the batcher, publishes weights (one broadcast) and writes checkpoints,
-  TensorBoard and summary.json (one writer).
+  TensorBoard and summary.json (one writer); ``make_leader`` only gives its ``Trainer``
+  (``learner/trainer.py``) a CPU batcher and ``DataParallelTrainer.lead`` as the update step.
 - per update, rank 0 takes ``global_batch_size`` segments from its batcher, cuts them into N
   shards of ``global_batch_size / N`` segments along B, draws the update's real (SFT) samples
   from its replay (``real_batch_size / N`` per rank, in the order one rank would have drawn them)
@@ -32,7 +33,7 @@ module does not do that yet.
 
 ``strategy: fsdp`` (for the large backends): every rank trains a replica sharded with FSDP2
 (``fully_shard`` on the modules named in ``fsdp_shard_modules``, then on the whole loss module);
-rank 0's ``Learner.policy`` stays a full copy on the CPU, refreshed from the shards (one all-gather)
+rank 0's ``Trainer.policy`` stays a full copy on the CPU, refreshed from the shards (one all-gather)
 after each update that makes a new version, and is what rank 0 publishes and checkpoints. The
 optimiser state stays sharded: checkpoints of an fsdp run hold the weights of the last version,
 and a resumed fsdp run starts its optimiser state afresh.
@@ -58,8 +59,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from learner.batcher import Batcher
 from learner.cotrain import MAX_REDUCED, MIN_REDUCED, CoTrainLossModule, GradSync, make_optimizer, \
     optimizer_update, split_segments
+from learner.trainer import Trainer
 
 log = logging.getLogger("tandem.learner.distributed")
 
@@ -304,30 +307,23 @@ def _to_cpu(tree):
     return tree
 
 
-class LeaderMixin:
-    """Turns ``learner.main.Learner`` into rank 0 of a data-parallel learner."""
+def make_leader(trainer: Trainer, ctx: Context) -> DataParallelTrainer:
+    """Make rank 0's ``trainer`` (before its ingest starts) lead the data-parallel updates, with the
+    followers in ``run_follower``."""
+    lcfg = trainer.cfg
+    trainer.batcher = Batcher.from_config(lcfg, "cpu")  # the shards leave through a CPU scatter
+    if lcfg.distributed.strategy == "fsdp":
+        trainer.policy.cpu()  # the full copy that rank 0 publishes and checkpoints; training uses the shards
+    broadcast_initial_state(trainer.policy, trainer.optimizer.state_dict(), ctx)
+    leader = DataParallelTrainer(trainer.policy, lambda p: make_optimizer(p, lcfg), lcfg, ctx, trainer.optimizer)
 
-    def setup_data_parallel(self, ctx: Context):
-        from learner.batcher import Batcher  # the shards leave through a CPU scatter
-        self.batcher = Batcher.from_config(self.cfg.learner, "cpu")
-        if self.cfg.learner.distributed.strategy == "fsdp":
-            self.policy.cpu()  # the full copy that rank 0 publishes and checkpoints; training uses the shards
-        broadcast_initial_state(self.policy, self.optimizer.state_dict(), ctx)
-        lcfg = self.cfg.learner
-        self.trainer = DataParallelTrainer(self.policy, lambda p: make_optimizer(p, lcfg), lcfg, ctx, self.optimizer)
-        log.info("data-parallel learner: rank 0 of %d, %s, %s", ctx.world_size, ctx.device,
-                 self.cfg.learner.distributed.strategy)
-
-    def step(self, batch: dict, co_train: bool, critic_only: bool = False) -> dict:
+    def step(batch: dict, co_train: bool, critic_only: bool, new_version: bool) -> dict:
         # critic_only is never set here: per_rank_config refuses critic_warmup_updates
-        new_version = (self.counters.updates + 1) % self.cfg.learner.weight_sync_interval == 0  # as Learner.train_once
-        return self.trainer.lead(batch, co_train, self.replay, self.rng, gather=new_version)
+        return leader.lead(batch, co_train, trainer.replay, trainer.rng, gather=new_version)
 
-    def run(self) -> int:
-        try:
-            return super().run()
-        finally:
-            self.trainer.stop_followers()
+    trainer.step = step
+    log.info("data-parallel learner: rank 0 of %d, %s, %s", ctx.world_size, ctx.device, lcfg.distributed.strategy)
+    return leader
 
 
 def run_follower(cfg: DictConfig, ctx: Context) -> int:
@@ -375,9 +371,12 @@ def run(cfg: DictConfig, learner_cls) -> int:
     leader = None
     try:
         if ctx.rank == 0:
-            leader = type("DataParallelLearner", (LeaderMixin, learner_cls), {})(cfg)
-            leader.setup_data_parallel(ctx)
-            return leader.run()
+            learner = learner_cls(cfg)
+            leader = make_leader(learner.trainer, ctx)
+            try:
+                return learner.run()
+            finally:
+                leader.stop_followers()
         return run_follower(cfg, ctx)
     finally:
-        shutdown(ctx, getattr(leader, "trainer", None))
+        shutdown(ctx, leader)

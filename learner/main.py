@@ -3,8 +3,10 @@
 Two threads, as Sample Factory separates batcher and learner; data flows one way:
 - ingest (``learner/ingest.py``): sockets and rings in, every message validated once, segments
   into the batcher, real episodes into the ``EpisodeStore`` (``learner/episode_store.py``);
-- train (main thread, here): batches out of the batcher, V-trace PPO (+ SFT co-training) updates,
-  weight broadcast (PUB), checkpoints and TensorBoard logs.
+- train (main thread): the ``Trainer`` (``learner/trainer.py``) takes batches out of the batcher
+  and runs the V-trace PPO (+ SFT co-training) updates; ``Learner`` here broadcasts each new
+  weight version (PUB), writes checkpoints, TensorBoard logs and summary.json.
+Under torchrun, ``learner.distributed`` gives rank 0's ``Trainer`` its data-parallel update step.
 Bad messages are dropped and counted; actors may come and go; SIGINT/SIGTERM checkpoint and exit.
 """
 from __future__ import annotations
@@ -17,7 +19,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -29,13 +30,12 @@ from common.policy import load_policy, make_policy
 from common.ratelimited_log import RateLimitedLog
 from common.segment import expected_segment_spec
 from learner import distributed
-from learner.batcher import Batcher
 from learner.checkpoint import LearnerCounters, load_latest_checkpoint, save_checkpoint
-from learner.cotrain import make_optimizer, train_step
 from learner.episode_store import EpisodeStore
 from learner.ingest import NO_VOCAB_LIMIT, Ingest
-from learner.metrics import LossRatioMonitor, MetricsWriter
+from learner.metrics import MetricsWriter
 from learner.real_replay import RealReplay
+from learner.trainer import Trainer
 
 log = logging.getLogger("tandem.learner")
 
@@ -47,62 +47,54 @@ class Learner:
         log.info("transport CURVE per endpoint: %s", check_server_security(cfg.transport))
         self.device = resolve_device(lcfg.device)
         torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
         self.session = uuid.uuid4().hex[:8]
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.co_train = bool(lcfg.use_real_data_co_training)
-        self.replay = RealReplay.from_config(lcfg, seed=cfg.seed) if (self.co_train or lcfg.live_dataset.root) else None
+        use_replay = lcfg.use_real_data_co_training or lcfg.live_dataset.root
+        self.replay = RealReplay.from_config(lcfg, seed=cfg.seed) if use_replay else None
         self.episodes = EpisodeStore(self.run_dir, self.replay)
 
         ckpt = load_latest_checkpoint(lcfg.checkpoint_dir, map_location=str(self.device))
         if ckpt is not None:
-            self.policy = ckpt.policy.to(self.device)
-            self.counters = ckpt.counters
-            log.info("resumed from %s (version %d, %d updates)", ckpt.path, self.counters.policy_version, self.counters.updates)
+            policy, counters = ckpt.policy.to(self.device), ckpt.counters
+            log.info("resumed from %s (version %d, %d updates)", ckpt.path, counters.policy_version, counters.updates)
         else:
             if lcfg.model_path:
-                self.policy = load_policy(lcfg.model_path, map_location=str(self.device),
-                                          overrides={"noise": lcfg.policy_noise})
+                policy = load_policy(lcfg.model_path, map_location=str(self.device),
+                                     overrides={"noise": lcfg.policy_noise})
                 log.info("initial weights from %s", lcfg.model_path)
             else:
                 stats = self.replay.dataset_stats() if self.replay is not None else None
-                self.policy = make_policy(cfg.policy, stats=stats or None)
-            self.policy = self.policy.to(self.device)
-            self.counters = LearnerCounters()
+                policy = make_policy(cfg.policy, stats=stats or None)
+            policy, counters = policy.to(self.device), LearnerCounters()
         self.train_errors = 0  # updates that raised (contained; the batch is skipped)
-        self.skipped_nonfinite = 0  # updates whose loss or gradients were not finite (no optimiser step)
         self.exit_code = 0
         self.consecutive_train_errors = 0
         self.unpublished_nonfinite = 0  # weight versions withheld because a tensor was not finite
         self.drop_log = RateLimitedLog(log)
-        self.optimizer = make_optimizer(self.policy, lcfg)
-        if ckpt is not None:
-            self.optimizer.load_state_dict(ckpt.optimizer_state)
-        self.batcher = Batcher.from_config(lcfg, self.device)
-        self.batch_lock = threading.Lock()
+        self.trainer = Trainer(lcfg, policy, counters, self.replay, cfg.seed, self.device,
+                               ckpt.optimizer_state if ckpt is not None else None)
         self.metrics = MetricsWriter(lcfg.log_dir)
-        self.ratio_monitor = LossRatioMonitor.from_config(lcfg)
         self.publisher = WeightPublisher.from_config(cfg.transport)
         self.republish = threading.Event()
         self.stop = threading.Event()
         self.eval_history: list[dict] = []
         self.last_stats: dict = {}
-        self._samples_window = (time.time(), self.counters.sim_samples)
-        self.samples_per_s = 0.0
-        self.lag_histogram = np.zeros(lcfg.max_policy_lag + 1, dtype=np.int64)  # trained segments by policy lag
-        vocab_size = int(getattr(getattr(self.policy, "tokenizer", None), "vocab_size", NO_VOCAB_LIMIT))
-        self.ingest = Ingest(cfg.transport, self, expected_segment_spec(cfg, self.policy), expected_episode_spec(cfg),
+        vocab_size = int(getattr(getattr(policy, "tokenizer", None), "vocab_size", NO_VOCAB_LIMIT))
+        self.ingest = Ingest(cfg.transport, self, expected_segment_spec(cfg, policy), expected_episode_spec(cfg),
                              vocab_size)
 
     @property
     def version(self) -> int:
-        return self.counters.policy_version
+        return self.trainer.version
+
+    @property
+    def counters(self) -> LearnerCounters:
+        return self.trainer.counters
 
     # -- IngestSink: called from the ingest thread ---------------------------------------------
     def add_segment(self, segment: dict, policy_version: int):
-        with self.batch_lock:
-            self.batcher.add(segment, policy_version, self.version)
+        self.trainer.add_segment(segment, policy_version)
 
     def store_episode(self, ep) -> str:
         return self.episodes.store(ep)
@@ -122,77 +114,46 @@ class Learner:
         newest = sorted(peers.items(), key=lambda kv: -kv[1]["last_seen"])[:self.cfg.transport.status_max_peers]
         actors = {n[:64]: {k: v for k, v in p.items() if isinstance(v, (int, float, str, bool)) and len(str(v)) < 128}
                   | {"age_s": now - p["last_seen"]} for n, p in newest}
-        b = self.batcher.stats()
-        return {"session": self.session, "updates": self.counters.updates, "samples_per_s": self.samples_per_s,
-                "queue_depth": self.batcher.queue_depth, "real_episodes": size["episodes"], "real_frames": size["frames"],
+        batcher = self.trainer.batcher
+        b = batcher.stats()
+        return {"session": self.session, "updates": self.counters.updates, "samples_per_s": self.trainer.samples_per_s,
+                "queue_depth": batcher.queue_depth, "real_episodes": size["episodes"], "real_frames": size["frames"],
                 "lag_mean": b["policy_lag/mean"], "lag_max": b["policy_lag/max"],
-                "lag_histogram": self.lag_histogram.tolist(),
-                "dropped": {**self.ingest.dropped_total(), "stale": self.batcher.dropped_stale,
-                            "overflow": self.batcher.dropped_overflow},
+                "lag_histogram": self.trainer.lag_histogram.tolist(),
+                "dropped": {**self.ingest.dropped_total(), "stale": batcher.dropped_stale,
+                            "overflow": batcher.dropped_overflow},
                 "actors": actors}
 
     # -- train thread -------------------------------------------------------------------------
     def publish(self):
         # parameters only: some buffers are infinite by design (normaliser bounds without stats)
-        bad = [n for n, p in self.policy.named_parameters() if not bool(torch.isfinite(p).all())]
+        policy = self.trainer.policy
+        bad = [n for n, p in policy.named_parameters() if not bool(torch.isfinite(p).all())]
         self._last_publish = time.time()
         if bad:  # never send poisoned weights to actors and the robot
             self.unpublished_nonfinite += 1
             self.drop_log.warn(f"not publishing version {self.version}: non-finite tensors {bad[:5]}",
                                key="unpublished_nonfinite")
             return
-        self.publisher.publish(self.version, self.policy.get_weights(), meta={"session": self.session})
+        self.publisher.publish(self.version, policy.get_weights(), meta={"session": self.session})
 
     def checkpoint(self):
-        self.counters.dropped_segments = self.batcher.dropped_stale + self.batcher.dropped_overflow
-        path = save_checkpoint(self.cfg.learner.checkpoint_dir, self.policy, self.optimizer, self.counters,
+        trainer = self.trainer
+        self.counters.dropped_segments = trainer.batcher.dropped_stale + trainer.batcher.dropped_overflow
+        path = save_checkpoint(self.cfg.learner.checkpoint_dir, trainer.policy, trainer.optimizer, self.counters,
                                keep=self.cfg.learner.keep_checkpoints)
         log.info("checkpoint %s", path)
 
-    def step(self, batch: dict, co_train: bool, critic_only: bool = False) -> dict:
-        """One update on a sim batch (``learner.distributed`` shards it over ranks instead)."""
-        return train_step(self.policy, self.optimizer, batch, self.cfg.learner, self.replay, self.rng, critic_only,
-                          co_train=co_train)
-
-    def train_once(self) -> bool:
-        with self.batch_lock:
-            batch = self.batcher.next_batch(self.version)
-            bstats = self.batcher.stats()
-        if batch is None:
+    def update_once(self) -> bool:
+        """One update, then the weights, logs and checkpoint it makes due; False when no batch was ready."""
+        update = self.trainer.train_once()
+        if update is None:
             return False
-        self.lag_histogram += self.batcher.lag_histogram()  # of this batch: only this thread takes batches
         lcfg = self.cfg.learner
-        co_train = self.co_train and self.replay is not None and self.replay.size()["frames"] > 0
-        if self.co_train and not co_train and self.counters.updates == 0:
-            log.warning("co-training is on but the real replay is empty: PPO only until real data arrives")
-        critic_only = self.counters.updates < lcfg.critic_warmup_updates  # the value head learns first
-        t0 = time.time()
-        stats = self.step(batch, co_train, critic_only)
-        T, B = batch["reward"].shape
-        self.counters.updates += 1
-        self.counters.sim_samples += T * B
-        self.counters.real_samples += int(stats.pop("train/real_samples", 0))
-        self.skipped_nonfinite += int(stats.get("train/skipped_nonfinite_steps", 0) > 0)
-        if self.counters.updates % lcfg.weight_sync_interval == 0:
-            self.counters.policy_version += 1
+        if update.new_version:
             self.publish()
-        now = time.time()
-        t_prev, s_prev = self._samples_window
-        if now - t_prev > 2.0:
-            self.samples_per_s = (self.counters.sim_samples - s_prev) / (now - t_prev)
-            self._samples_window = (now, self.counters.sim_samples)
-        if "train/loss_ratio" in stats:
-            self.ratio_monitor.update(stats["train/loss_ratio"])
-        succ = batch["success"].sum().item()
-        ends = batch["done"].sum().item()
-        stats.update(bstats)
-        stats.update({"train/update_time_s": now - t0, "throughput/sim_samples_per_s": self.samples_per_s,
-                      "policy/version": self.version, "rollout/episodes_in_batch": ends,
-                      "rollout/success_rate_in_batch": succ / ends if ends else float("nan"),
-                      "rollout/mean_chunk_reward": batch["reward"].mean().item()})
+        stats = update.stats
         stats.update({f"dropped/{k}": v for k, v in self.ingest.dropped_total().items()})
-        if self.replay is not None:
-            stats["replay/real_frames"] = self.replay.size()["frames"]
         self.last_stats = stats
         if self.counters.updates % lcfg.log_interval == 0:
             self.metrics.log(stats, self.counters.updates)
@@ -217,7 +178,7 @@ class Learner:
                     self.republish.clear()
                     self.publish()
                 try:
-                    trained = self.train_once()
+                    trained = self.update_once()
                     self.consecutive_train_errors = 0
                 except Exception:  # contained: the batch is dropped, the learner goes on
                     self.train_errors += 1
@@ -256,12 +217,12 @@ class Learner:
 
         summary = {"updates": self.counters.updates, "policy_version": self.version,
                    "sim_samples": self.counters.sim_samples, "real_samples": self.counters.real_samples,
-                   "duration_s": round(duration_s, 1), "co_training": self.co_train,
+                   "duration_s": round(duration_s, 1), "co_training": self.trainer.co_train,
                    "eval_sim": last("sim"), "eval_real_proxy": last("real_proxy"),
                    "eval_history": self.eval_history, "dropped": self.ingest.dropped_total(),
-                   "train_errors": self.train_errors, "skipped_nonfinite_updates": self.skipped_nonfinite,
+                   "train_errors": self.train_errors, "skipped_nonfinite_updates": self.trainer.skipped_nonfinite,
                    "unpublished_nonfinite_versions": self.unpublished_nonfinite, "exit_code": self.exit_code,
-                   "policy_lag_histogram": self.lag_histogram.tolist(),
+                   "policy_lag_histogram": self.trainer.lag_histogram.tolist(),
                    "tensorboard": str(Path(self.cfg.learner.log_dir).resolve())}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         log.info("summary: %s", {k: v for k, v in summary.items() if k != "eval_history"})
