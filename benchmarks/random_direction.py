@@ -37,19 +37,23 @@ from common.evaluation import ENV_OVERRIDES_FILE, evaluate_parallel, parse_seeds
 from common.policy import load_policy
 
 
+def change_norms(start: dict, trained: dict) -> dict:
+    """The norm of ``trained - start`` for every floating-point tensor that changed."""
+    norms = {n: float((trained[n].float() - w.float()).norm()) for n, w in start.items() if w.is_floating_point()}
+    return {n: v for n, v in norms.items() if v > 0.0}
+
+
 def scaled_change(start: dict, trained: dict, direction: dict) -> tuple[dict, dict]:
-    """start + ``direction`` with the per-tensor norms of ``trained - start``; and those norms. A
-    tensor that did not change, or has no direction, stays as it was."""
-    out, norms = {}, {}
-    for name, w0 in start.items():
-        norm = float((trained[name].float() - w0.float()).norm())
+    """start + ``direction`` with the per-tensor norms of ``trained - start``; and the norms applied.
+    A tensor that did not change, or has no direction, stays as it was."""
+    out, applied = {n: w.clone() for n, w in start.items()}, {}
+    for name, norm in change_norms(start, trained).items():
         d = direction.get(name)
-        if norm == 0.0 or d is None or float(d.norm()) == 0.0 or not w0.is_floating_point():
-            out[name] = w0.clone()
+        if d is None or float(d.norm()) == 0.0:
             continue
-        out[name] = (w0.float() + d * (norm / float(d.norm()))).to(w0.dtype)
-        norms[name] = norm
-    return out, norms
+        out[name] = (start[name].float() + d * (norm / float(d.norm()))).to(start[name].dtype)
+        applied[name] = norm
+    return out, applied
 
 
 def gaussian_direction(start: dict, seed: int) -> dict:
@@ -105,16 +109,18 @@ def main(argv=None) -> int:
     if "noise_gradient" in a.null and not a.frames:
         ap.error("--null noise_gradient needs --frames")
     torch.set_num_threads(2)
-    start, trained = load_policy(a.start).state_dict(), load_policy(a.trained)
-    noise = {"noise": trained.cfg["noise"]} if "noise" in getattr(trained, "cfg", {}) else None  # Stage II's chain
+    trained_policy = load_policy(a.trained)
+    start, trained = load_policy(a.start).state_dict(), trained_policy.state_dict()
+    cfg = getattr(trained_policy, "cfg", {})
+    noise = {"noise": cfg["noise"]} if "noise" in cfg else None  # the noise-gradient null samples Stage II's chain
+    changed = change_norms(start, trained)
     work = Path(tempfile.mkdtemp(prefix="random_direction."))
     policies = {"start": a.start, "trained": a.trained}
-    changed = {}
     for null in a.null:
         for k in range(a.directions):
             direction = (gaussian_direction(start, k) if null == "gaussian" else
                          noise_gradient_direction(load_policy(a.start, overrides=noise), a.frames, a.samples, k))
-            state, changed = scaled_change(start, trained.state_dict(), direction)
+            state, _ = scaled_change(start, trained, direction)
             policy = load_policy(a.start)
             policy.load_state_dict(state)
             path = work / f"{null}{k}"

@@ -258,10 +258,11 @@ def optimizer_update(model: torch.nn.Module, policy, optimizer: torch.optim.Opti
             steps_done += 1
         if stopped:
             break
-    stats = with_loss_ratio(sync.reduce(reduce_stats(per_micro, weights)), cfg)
+    local = reduce_stats(per_micro, weights)
     # train/approx_kl averages the applied steps' forward passes (0 at the first); this is how far the
     # update had moved when it ended: with one step per pass, the KL after the first step
-    stats["train/approx_kl_last"] = float(sync.reduce({"kl": float(last_kl)})["kl"]) if last_kl is not None else 0.0
+    local["train/approx_kl_last"] = float(last_kl) if last_kl is not None else 0.0
+    stats = with_loss_ratio(sync.reduce(local), cfg)
     stats["train/optimizer_steps"] = float(steps_done)
     stats["train/epochs_done"] = steps_done / len(minibatches)  # ceil-sized parts: at most num_minibatches
     stats["train/skipped_nonfinite_steps"] = float(skipped)
