@@ -265,7 +265,8 @@ class Actor:
             version, successes = self.version, []
             for i in range(self.cfg.actor.eval_episodes):  # the same episodes every round: comparable
                 with torch.no_grad():
-                    success, steps, _ = run_episode(self.policy, env, int(self.cfg.actor.eval_seed) + i, self.device)
+                    success, steps, *_ = run_episode(self.policy, env, int(self.cfg.actor.eval_seed) + i, self.device,
+                                                     on_chunk=self.heartbeat)
                 successes.append(float(success))
                 self.stats["env_steps"] += steps
                 self.stats["episodes"] += 1

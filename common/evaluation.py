@@ -8,7 +8,7 @@ two evaluations with the same seed see the same layouts, objects and instruction
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -22,8 +22,16 @@ def policy_obs(obs: dict, tokens: torch.Tensor, device) -> dict:
             "state": torch.as_tensor(obs["state"], dtype=torch.float32, device=device)[None]}
 
 
-def run_episode(policy, env, seed: int, device) -> tuple[bool, int, float]:
-    """One deterministic episode; returns (success, env steps taken, return)."""
+class EpisodeResult(NamedTuple):
+    success: bool
+    length: int            # env steps taken
+    episode_return: float
+    held_at_end: bool      # the object still in the gripper when the episode ended (a failure that never let go)
+
+
+def run_episode(policy, env, seed: int, device, on_chunk: Optional[Callable[[], None]] = None) -> EpisodeResult:
+    """One deterministic episode. ``on_chunk`` is called after each executed chunk (an eval actor's
+    heartbeat: an episode can outlast the learner's peer timeout on a busy CPU)."""
     obs, info = env.reset(seed=seed)
     tokens = policy.tokenize([info["instruction"]]).to(device)
     steps, episode_return, done = 0, 0.0, False
@@ -36,7 +44,9 @@ def run_episode(policy, env, seed: int, device) -> tuple[bool, int, float]:
             done = terminated or truncated
             if done:
                 break
-    return bool(info["success"]), steps, episode_return
+        if on_chunk is not None:
+            on_chunk()
+    return EpisodeResult(bool(info["success"]), steps, episode_return, bool(info["is_grasped"]))
 
 
 @torch.no_grad()
@@ -61,7 +71,7 @@ def evaluate_policy(policy, env_cfg: Any, *, real_proxy: bool, episodes: int, se
     name = "real_proxy" if real_proxy else "twin"
     try:
         for i in tqdm(range(episodes), desc=f"eval {name}", unit="ep", disable=not progress, leave=False):
-            success, length, episode_return = run_episode(policy, env, seed + i, device)
+            success, length, episode_return, _ = run_episode(policy, env, seed + i, device)
             successes.append(success)
             lengths.append(length)
             returns.append(episode_return)
@@ -131,9 +141,10 @@ def _worker_episode(task: tuple[str, str, int]) -> dict:
                                         obs_mode="rgb")
     env = _WORKER["envs"][key]
     with torch.no_grad():
-        success, length, episode_return = run_episode(_WORKER["policies"][policy_dir], env, seed, _WORKER["device"])
-    return {"policy": policy_dir, "env": env_name, "seed": seed, "success": success, "length": length,
-            "return": episode_return, "shape": shape_of(env.instruction, env.cfg["object"]["shapes"])}
+        result = run_episode(_WORKER["policies"][policy_dir], env, seed, _WORKER["device"])
+    return {"policy": policy_dir, "env": env_name, "seed": seed, "success": result.success, "length": result.length,
+            "return": result.episode_return, "held_at_end": result.held_at_end,
+            "shape": shape_of(env.instruction, env.cfg["object"]["shapes"])}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -147,7 +158,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def summarize(episodes: list[dict]) -> dict:
-    """Per env: success rate, its 95 % interval, mean length and return, success per object shape."""
+    """Per env: success rate, its 95 % interval, mean length and return, the share of episodes that ended
+    with the object still held, success per object shape."""
     out = {}
     for env_name in sorted({e["env"] for e in episodes}):
         eps = [e for e in episodes if e["env"] == env_name]
@@ -158,7 +170,8 @@ def summarize(episodes: list[dict]) -> dict:
             shapes[shape] = {"success": float(np.mean(s)), "episodes": len(s)}
         out[env_name] = {"success": wins / len(eps), "ci95": wilson_interval(wins, len(eps)), "episodes": len(eps),
                          "mean_length": float(np.mean([e["length"] for e in eps])),
-                         "mean_return": float(np.mean([e["return"] for e in eps])), "per_shape": shapes}
+                         "mean_return": float(np.mean([e["return"] for e in eps])),
+                         "held_at_end": float(np.mean([e.get("held_at_end", False) for e in eps])), "per_shape": shapes}
     return out
 
 

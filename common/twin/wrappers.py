@@ -29,6 +29,7 @@ from common.laps import LAPS
 from common.twin.task import TASK_ID, TandemPickPlaceEnv, to_dict
 
 OBS_MODES = ("rgb", "state")
+DENSE_REWARD_MODES = ("dense", "normalized_dense")
 READBACKS = ("device", "host")
 # tcp position (m, generous workspace box), tcp quaternion wxyz, gripper opening (m)
 STATE_LOW = np.array([-2, -2, -2, -1, -1, -1, -1, -0.01], dtype=np.float32)
@@ -58,6 +59,9 @@ class TwinEnv(gym.Env):
         self.image_size = (int(cfg["camera"]["height"]), int(cfg["camera"]["width"]))
         self.max_episode_steps = int(cfg["max_episode_steps"])
         self.terminate_on_success = bool(cfg["terminate_on_success"])
+        # a success that ends the episode also pays the success reward for each step left to the time limit
+        self.absorbing_success = (self.terminate_on_success and cfg["reward_mode"] in DENSE_REWARD_MODES
+                                  and bool(cfg["reward"]["dense_absorbing_success"]))
         self.readback = cfg["camera"]["readback"]
         if self.readback not in READBACKS:
             raise ValueError(f"camera.readback must be one of {READBACKS}, got {self.readback!r}")
@@ -156,10 +160,13 @@ class TwinEnv(gym.Env):
         success = bool(info["success"][0])
         terminated = success and self.terminate_on_success
         truncated = self._elapsed >= self.max_episode_steps and not terminated
+        reward = float(reward[0])
+        if terminated and self.absorbing_success:  # the task's success reward is its per-step maximum
+            reward *= 1 + self.max_episode_steps - self._elapsed
         obs = None
         if observe or terminated or truncated:
             obs = self._obs(self._render_rgb() if self.obs_mode == "rgb" else None)
-        return obs, float(reward[0]), terminated, truncated, self._info(info, observed=obs is not None)
+        return obs, reward, terminated, truncated, self._info(info, observed=obs is not None)
 
     def render(self):
         if self.render_mode == "rgb_array":

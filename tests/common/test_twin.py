@@ -109,6 +109,40 @@ def test_success_detection(state_env, where, expected):
     assert (reward >= state_env.cfg["reward"]["success"]) is expected
 
 
+@pytest.mark.parametrize("absorbing", [False, True])
+def test_dense_return_of_succeeding_against_holding_the_object_above_the_bowl(absorbing):
+    """The scripted expert's episode against the same episode up to the release, then holding the object
+    there until the time limit. With terminate_on_success and the success reward paid once, holding earns
+    the larger shaped return (what PPO learned in docs/stage2.md, experiment 5); with
+    reward.dense_absorbing_success the success also pays its reward for each step left, and wins."""
+    from common.twin.expert import Phase, ScriptedExpert
+
+    env = make_env(env_cfg("env.reward_mode=normalized_dense", f"env.reward.dense_absorbing_success={absorbing}"),
+                   obs_mode="state")
+    expert = ScriptedExpert(env)
+    outcome = {}
+    try:
+        for hold in (False, True):
+            env.reset(seed=0)
+            expert.reset()
+            ret, done = 0.0, False
+            while not done:
+                action = expert.act()
+                if hold and expert.phase >= Phase.OPEN:
+                    action[:6], action[6] = 0.0, -1.0  # stay put, gripper closed
+                _, reward, terminated, truncated, info = env.step(action)
+                ret += reward
+                done = terminated or truncated
+            outcome[hold] = (info["success"], info["elapsed_steps"], ret)
+    finally:
+        env.close()
+    (won, won_steps, won_return), (held, held_steps, held_return) = outcome[False], outcome[True]
+    assert won and won_steps < env.max_episode_steps
+    assert not held and held_steps == env.max_episode_steps
+    # the success step pays 1 (the normalized maximum), times the steps it stands for when absorbing
+    assert (won_return > held_return) is absorbing
+
+
 def test_real_proxy_applies_the_documented_shift():
     twin = make_env(env_cfg("env.randomization.enabled=false"), obs_mode="state")
     proxy = make_env(env_cfg(env="real_proxy"), obs_mode="state")

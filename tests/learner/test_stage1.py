@@ -244,10 +244,29 @@ def test_evaluation_summary_interval_and_seeds():
     assert shape_of("put the red ball into the bowl", {"cube": "cube", "sphere": "ball"}) == "sphere"
     lo, hi = wilson_interval(40, 100)
     assert lo < 0.4 < hi and hi - lo == pytest.approx(0.19, abs=0.01)
-    eps = [{"env": "twin", "success": s, "length": 10, "return": float(s), "shape": sh}
-           for s, sh in [(True, "cube"), (False, "cube"), (True, "sphere"), (True, "sphere")]]
+    eps = [{"env": "twin", "success": s, "length": 10, "return": float(s), "held_at_end": h, "shape": sh}
+           for s, h, sh in [(True, False, "cube"), (False, True, "cube"), (True, False, "sphere"), (True, False, "sphere")]]
     s = summarize(eps)["twin"]
     assert s["success"] == 0.75 and s["per_shape"]["cube"] == {"success": 0.5, "episodes": 2}
+    assert s["held_at_end"] == 0.25
+
+
+def test_an_episode_calls_back_after_every_chunk_and_reports_the_grasp_at_its_end():
+    from common.evaluation import run_episode
+    from common.twin import make_env
+
+    policy = make_policy(load_config("config", ["policy=tiny"]).policy).eval()
+    env = make_env(load_config("config", [f"env.image_size={IMG}", "env.max_episode_steps=7"]).env, obs_mode="rgb")
+    calls = []
+    try:
+        with torch.no_grad():
+            result = run_episode(policy, env, 3, "cpu", on_chunk=lambda: calls.append(env.unwrapped._elapsed))
+    finally:
+        env.close()
+    k = policy.exec_horizon
+    assert result.length == 7 and not result.success
+    assert calls == [min(k * (i + 1), 7) for i in range(-(-7 // k))]  # one call per chunk, the last one cut short
+    assert isinstance(result.held_at_end, bool)
 
 
 def test_parallel_evaluation_applies_the_policys_env_overrides(tmp_path):
@@ -261,6 +280,7 @@ def test_parallel_evaluation_applies_the_policys_env_overrides(tmp_path):
     assert [(e["env"], e["seed"]) for e in result["episodes"]] == [("real_proxy", 100), ("real_proxy", 101),
                                                                     ("twin", 100), ("twin", 101)]
     assert all(e["length"] <= 6 for e in result["episodes"])  # the stored override was applied
+    assert all(isinstance(e["held_at_end"], bool) for e in result["episodes"])
     assert result["summary"]["twin"]["episodes"] == 2
     (d / "env_overrides.json").write_text(json.dumps({"env.image_size": 32}))
     with pytest.raises(ValueError, match="JSON list"):

@@ -47,6 +47,13 @@ def test_targets_are_judged_per_seed():
     assert "does not show" in lines[3]  # PPO kept more real success and a lower loss than co-training
 
 
+def test_a_change_of_exactly_minus_three_points_meets_the_real_proxy_target():
+    stage1 = {"twin": 0.32, "real_proxy": 0.39, "heldout_real_sft_loss": 0.22}
+    results = {"sft": {0: stage1}, "cotrain": {0: {"twin": 0.34, "real_proxy": 0.36, "heldout_real_sft_loss": 0.23}}}
+    assert 0.36 - 0.39 < -0.03  # the float arithmetic the check must not trip on
+    assert "real proxy -0.030 (target >= -0.03: met)" in check_targets(results)[0]
+
+
 def test_curve_success_counts_only_the_curve_seeds():
     episodes = [{"env": "twin", "seed": 100000 + i, "success": i % 2 == 0} for i in range(10)]
     episodes += [{"env": "real_proxy", "seed": 100000 + i, "success": True} for i in range(10)]
