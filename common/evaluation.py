@@ -26,7 +26,8 @@ class EpisodeResult(NamedTuple):
     success: bool
     length: int            # env steps taken
     episode_return: float
-    held_at_end: bool      # the object still in the gripper when the episode ended (a failure that never let go)
+    held_at_end: bool      # the object still in the gripper when the episode ended (a failure that never let go);
+                           # False for an env that does not report ``info["is_grasped"]``
 
 
 def run_episode(policy, env, seed: int, device, on_chunk: Optional[Callable[[], None]] = None) -> EpisodeResult:
@@ -46,7 +47,7 @@ def run_episode(policy, env, seed: int, device, on_chunk: Optional[Callable[[], 
                 break
         if on_chunk is not None:
             on_chunk()
-    return EpisodeResult(bool(info["success"]), steps, episode_return, bool(info["is_grasped"]))
+    return EpisodeResult(bool(info["success"]), steps, episode_return, bool(info.get("is_grasped", False)))
 
 
 @torch.no_grad()

@@ -42,8 +42,6 @@ from learner.checkpoint import list_checkpoints
 from learner.cotrain import sft_inputs
 from learner.real_replay import RealReplay
 
-STAGE2 = {"cotrain": ["learner.use_real_data_co_training=true"],
-          "ppo": ["learner.use_real_data_co_training=false"]}
 ENVS = ("twin", "real_proxy")
 
 
@@ -60,6 +58,11 @@ def heldout_sft_loss(policy, replay: RealReplay, cfg: DictConfig) -> float:
 
 
 def stage2_runs(cfg: DictConfig, pipe: Pipeline) -> dict[tuple[str, int], Path]:
+    known = cfg.experiment.condition_overrides
+    unknown = [c for c in cfg.experiment.conditions if c != "sft" and c not in known]
+    if unknown:
+        raise ValueError(f"experiment.conditions {unknown}: no experiment.condition_overrides entry "
+                         f"(known: {sorted(known)} and sft)")
     return {(cond, int(seed)): pipe.run / f"seed{seed}" / cond
             for seed in cfg.experiment.seeds for cond in cfg.experiment.conditions if cond != "sft"}
 
@@ -85,7 +88,7 @@ def run_stage2_all(cfg: DictConfig, pipe: Pipeline, runs: dict[tuple[str, int], 
         for (cond, seed), run_dir in group:
             run_dir.mkdir(parents=True, exist_ok=True)
             # each run_dir has its own private ipc socket directory (transport.ipc_dir)
-            cmd = pipe.stage2_command(run_dir, [f"seed={seed}", *STAGE2[cond]])
+            cmd = pipe.stage2_command(run_dir, [f"seed={seed}", *cfg.experiment.condition_overrides[cond]])
             print("$", " ".join(cmd), flush=True)
             log = open(run_dir.with_suffix(".log"), "a")
             procs.append((cond, seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))

@@ -59,9 +59,9 @@ class TwinEnv(gym.Env):
         self.image_size = (int(cfg["camera"]["height"]), int(cfg["camera"]["width"]))
         self.max_episode_steps = int(cfg["max_episode_steps"])
         self.terminate_on_success = bool(cfg["terminate_on_success"])
-        # a success that ends the episode also pays the success reward for each step left to the time limit
-        self.absorbing_success = (self.terminate_on_success and cfg["reward_mode"] in DENSE_REWARD_MODES
-                                  and bool(cfg["reward"]["dense_absorbing_success"]))
+        # the dense return counts to the time limit (configs/env/twin.yaml, reward.dense_finite_horizon)
+        self.finite_horizon = (self.terminate_on_success and cfg["reward_mode"] in DENSE_REWARD_MODES
+                               and bool(cfg["reward"]["dense_finite_horizon"]))
         self.readback = cfg["camera"]["readback"]
         if self.readback not in READBACKS:
             raise ValueError(f"camera.readback must be one of {READBACKS}, got {self.readback!r}")
@@ -161,8 +161,11 @@ class TwinEnv(gym.Env):
         terminated = success and self.terminate_on_success
         truncated = self._elapsed >= self.max_episode_steps and not terminated
         reward = float(reward[0])
-        if terminated and self.absorbing_success:  # the task's success reward is its per-step maximum
-            reward *= 1 + self.max_episode_steps - self._elapsed
+        if self.finite_horizon:
+            if terminated:  # the task's success reward is its per-step maximum: paid for this step and each one left
+                reward *= 1 + self.max_episode_steps - self._elapsed
+            # the limit is part of the task now, a terminal state: nothing to bootstrap beyond it
+            terminated, truncated = terminated or truncated, False
         obs = None
         if observe or terminated or truncated:
             obs = self._obs(self._render_rgb() if self.obs_mode == "rgb" else None)

@@ -109,15 +109,16 @@ def test_success_detection(state_env, where, expected):
     assert (reward >= state_env.cfg["reward"]["success"]) is expected
 
 
-@pytest.mark.parametrize("absorbing", [False, True])
-def test_dense_return_of_succeeding_against_holding_the_object_above_the_bowl(absorbing):
+@pytest.mark.parametrize("finite_horizon", [False, True])
+def test_dense_return_of_succeeding_against_holding_the_object_above_the_bowl(finite_horizon):
     """The scripted expert's episode against the same episode up to the release, then holding the object
     there until the time limit. With terminate_on_success and the success reward paid once, holding earns
     the larger shaped return (what PPO learned in docs/stage2.md, experiment 5); with
-    reward.dense_absorbing_success the success also pays its reward for each step left, and wins."""
+    reward.dense_finite_horizon the success also pays its reward for each step left, and wins, and the time
+    limit is a terminal state rather than a truncation to bootstrap through."""
     from common.twin.expert import Phase, ScriptedExpert
 
-    env = make_env(env_cfg("env.reward_mode=normalized_dense", f"env.reward.dense_absorbing_success={absorbing}"),
+    env = make_env(env_cfg("env.reward_mode=normalized_dense", f"env.reward.dense_finite_horizon={finite_horizon}"),
                    obs_mode="state")
     expert = ScriptedExpert(env)
     outcome = {}
@@ -133,14 +134,15 @@ def test_dense_return_of_succeeding_against_holding_the_object_above_the_bowl(ab
                 _, reward, terminated, truncated, info = env.step(action)
                 ret += reward
                 done = terminated or truncated
-            outcome[hold] = (info["success"], info["elapsed_steps"], ret)
+            outcome[hold] = (info["success"], info["elapsed_steps"], ret, terminated, truncated)
     finally:
         env.close()
-    (won, won_steps, won_return), (held, held_steps, held_return) = outcome[False], outcome[True]
-    assert won and won_steps < env.max_episode_steps
+    (won, won_steps, won_return, *won_end), (held, held_steps, held_return, *held_end) = outcome[False], outcome[True]
+    assert won and won_steps < env.max_episode_steps and won_end == [True, False]
     assert not held and held_steps == env.max_episode_steps
-    # the success step pays 1 (the normalized maximum), times the steps it stands for when absorbing
-    assert (won_return > held_return) is absorbing
+    assert held_end == ([True, False] if finite_horizon else [False, True])  # (terminated, truncated) at the limit
+    # the success step pays 1 (the normalized maximum), times the steps it stands for in the finite horizon
+    assert (won_return > held_return) is finite_horizon
 
 
 def test_real_proxy_applies_the_documented_shift():

@@ -33,6 +33,16 @@ def test_concurrent_runs_get_disjoint_sockets(tmp_path):
     assert len(endpoints) == 12 and all(e.startswith("ipc://") for e in endpoints)
 
 
+def test_conditions_are_configured_runs_and_an_unknown_one_is_named(tmp_path):
+    cfg = load_config("cotrain_experiment", ["experiment.seeds=[0]", "experiment.conditions=[cotrain_beta2,sft]"])
+    runs = stage2_runs(cfg, types.SimpleNamespace(run=tmp_path))
+    assert list(runs) == [("cotrain_beta2", 0)]
+    assert "learner.sft_loss_weight=2.0" in cfg.experiment.condition_overrides.cotrain_beta2
+    cfg = load_config("cotrain_experiment", ["experiment.conditions=[cotrain,ppo_typo]"])
+    with pytest.raises(ValueError, match=r"\['ppo_typo'\]: no experiment.condition_overrides entry"):
+        stage2_runs(cfg, types.SimpleNamespace(run=tmp_path))
+
+
 def test_targets_are_judged_per_seed():
     stage1 = {"twin": 0.32, "real_proxy": 0.39, "heldout_real_sft_loss": 0.22}
     results = {"sft": {0: stage1, 1: stage1},
