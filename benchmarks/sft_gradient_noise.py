@@ -119,9 +119,9 @@ def main(argv=None) -> int:
         draws = [flat(sft_gradient(policy, real, n, a.sft_loss_weight, 1000 * n + k), params) for k in range(a.draws)]
         cos, dot = pairwise(draws)
         norm = float(np.mean([float(g.norm()) for g in draws]))
+        signal = float(np.sqrt(max(dot, 0.0)))
         rows.append({"real_samples": n, "cosine_between_draws": cos, "norm": norm,
-                     "signal_norm": float(np.sqrt(max(dot, 0.0))), "signal_to_rl": float(np.sqrt(max(dot, 0.0))) / ppo_norm,
-                     "norm_to_rl": norm / ppo_norm,
+                     "signal_norm": signal, "signal_to_rl": signal / ppo_norm, "norm_to_rl": norm / ppo_norm,
                      "cosine_with_rl": float(np.mean([float(torch.nn.functional.cosine_similarity(g, p, dim=0))
                                                       for g in draws for p in ppo]))})
         print(rows[-1], flush=True)
