@@ -150,8 +150,11 @@ class Actor:
             # the learner attaches to the ring from what the notice says about it
             self._ring_meta = {"spec": dataclasses.asdict(spec), "num_slots": self.ring.num_slots}
 
-    def ship(self, spec: SegmentSpec, fill, env_index: int, version: int):
-        """Write one segment into the ring (or a fresh buffer) via ``fill`` and notify the learner."""
+    def ship(self, spec: SegmentSpec, fill, meta: dict):
+        """Write one segment into the ring (or a fresh buffer) via ``fill`` and notify the learner;
+        ``meta``: the segment's ``SegmentStats.meta`` (its env index and sequence number travel)."""
+        version = int(meta["version"])
+        stream = {"env_index": int(meta["env_index"]), "env_seq": int(meta["env_seq"])}  # "seq" is the ring's
         if self.ring is not None:
             slot = self.ring.acquire()
             if slot is None:  # every slot stayed busy (drop, or wait past its timeout): counted in ring.drops
@@ -159,12 +162,12 @@ class Actor:
             fill(slot)
             notice = self.ring.commit(slot, version)
             msg = Message(kind="segment_notice", sender=self.id, policy_version=version,
-                          meta=dict(notice, env_index=env_index, **self._ring_meta))
+                          meta=dict(notice, **stream, **self._ring_meta))
         else:
             arrays = spec.empty()
             fill(arrays)
             msg = Message(kind="segment", sender=self.id, policy_version=version,
-                          meta={"env_index": env_index}, arrays=arrays)
+                          meta=stream, arrays=arrays)
         if self.sender.send(msg, timeout_ms=self.cfg.actor.send_timeout_ms):
             self.stats["segments"] += 1
         else:
@@ -195,7 +198,7 @@ class Actor:
                 if self.dry_run:
                     self.stats["segments"] += 1
                 else:
-                    self.ship(spec, copy_into(arrays), int(meta["env_index"]), int(meta["version"]))
+                    self.ship(spec, copy_into(arrays), meta)
                 if self.cfg.actor.max_segments and self.stats["segments"] >= self.cfg.actor.max_segments:
                     return
             elif srv.alive == 0:
@@ -251,7 +254,7 @@ class Actor:
                 if self.dry_run:
                     self.stats["segments"] += 1
                 else:
-                    self.ship(spec, copy_into(segment), i, meta["version"])
+                    self.ship(spec, copy_into(segment), meta)
             if self.cfg.actor.max_segments and self.stats["segments"] >= self.cfg.actor.max_segments:
                 return
 

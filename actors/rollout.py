@@ -26,16 +26,18 @@ class SegmentStats:
     returns: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
 
-    def meta(self, env_index: int) -> dict:
-        """What travels with the segment (and what the actor reports)."""
+    def meta(self, env_index: int, seq: int) -> dict:
+        """What travels with the segment (and what the actor reports). ``seq`` counts this env's
+        segments, so that a receiver that joins consecutive segments into episodes sees a gap."""
         return dict(env_steps=self.env_steps, episodes=self.episodes, successes=self.successes,
-                    returns=list(self.returns), env_index=env_index, version=min(self.versions))
+                    returns=list(self.returns), env_index=env_index, env_seq=seq, version=min(self.versions))
 
 
 class SegmentBuilder:
     def __init__(self, spec: SegmentSpec, gamma: float, env_index: int, reward_scale: float = 1.0):
         self.spec, self.gamma, self.env_index = spec, float(gamma), env_index
         self.reward_scale = float(reward_scale)
+        self.seq = 0  # segments finished so far
         self._new()
 
     def _new(self):
@@ -79,6 +81,7 @@ class SegmentBuilder:
             raise ValueError(f"segment has {self.t} of {self.spec.steps} chunk-steps")
         T = self.spec.steps
         self.buf["image"][T], self.buf["state"][T], self.buf["tokens"][T] = obs["image"], obs["state"], tokens
-        out = (self.buf, self.stats.meta(self.env_index))
+        out = (self.buf, self.stats.meta(self.env_index, self.seq))
+        self.seq += 1
         self._new()
         return out

@@ -128,7 +128,7 @@ class CheckingLearner:
         self.ingest = Ingest(cfg.transport, self, spec_from_config(cfg), expected_episode_spec(cfg))
 
     # -- IngestSink ------------------------------------------------------------------------
-    def add_segment(self, segment: dict, policy_version: int):
+    def add_segment(self, segment: dict, policy_version: int, stream=None):
         from tools.synthetic import CorruptSegment, verify_segment
         try:
             verify_segment(segment)

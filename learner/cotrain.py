@@ -32,11 +32,14 @@ def loss_ratio(sft_loss_weight: float, sft_loss: float, rl_loss: float, eps: flo
 
 
 def sft_inputs(policy, real_batch: dict, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """A ``RealReplay.sample`` batch (numpy) -> (policy Obs, actions [B,H,7], action_pad [B,H]) on ``device``."""
+    """A ``RealReplay.sample`` batch (numpy) -> (policy Obs, actions [B,H,7], action_pad [B,H]) on ``device``.
+    Instructions come as ``task`` strings or, from the success replay, as ``tokens`` already."""
     state = torch.as_tensor(real_batch["state"], device=device)
+    tokens = (torch.as_tensor(real_batch["tokens"], device=device).long() if "tokens" in real_batch
+              else policy.tokenize(list(real_batch["task"])).to(device))
     obs = {
         "image": torch.as_tensor(real_batch["image"], device=device),
-        "tokens": policy.tokenize(list(real_batch["task"])).to(device),
+        "tokens": tokens,
         "state": state if state.shape[-1] > 0 else None,
     }
     if "privileged" in real_batch:
@@ -107,11 +110,20 @@ def reduce_stats(per_micro_batch: list[dict[str, torch.Tensor]], weights: list[f
     return out
 
 
+def actor_settings(cfg) -> tuple[float, bool]:
+    """(actor lr, freeze_encoder) of a ``learner`` (or ``sft``) config: filtered BC's own under
+    ``rl_objective: filtered_bc``, else the top-level ones."""
+    src = cfg.filtered_bc if cfg.get("rl_objective", "ppo") == "filtered_bc" else cfg
+    return float(src.lr), bool(src.get("freeze_encoder", False))
+
+
 def make_optimizer(policy, cfg) -> torch.optim.Optimizer:
-    """AdamW from the ``learner`` (or ``sft``) config: the value head at ``value_lr`` (null: ``lr``),
-    every other trainable parameter at ``lr``. ``freeze_encoder`` first freezes the observation
-    encoder (RL then trains the action expert, noise and value heads: RLinf's train_expert_only)."""
-    if cfg.get("freeze_encoder", False):
+    """AdamW from the ``learner`` (or ``sft``) config: the value head at ``value_lr`` (null: the actor's
+    rate), every other trainable parameter at the actor's rate (``actor_settings``). ``freeze_encoder``
+    first freezes the observation encoder (RL then trains the action expert, noise and value heads:
+    RLinf's train_expert_only)."""
+    lr, freeze_encoder = actor_settings(cfg)
+    if freeze_encoder:
         encoder = getattr(policy, "encoder", None)
         if encoder is None:
             raise ValueError(f"freeze_encoder: {type(policy).__name__} has no `encoder` module")
@@ -119,12 +131,12 @@ def make_optimizer(policy, cfg) -> torch.optim.Optimizer:
     value_head = getattr(policy, "value_head", None)
     critic_ids = {id(p) for p in value_head.parameters()} if value_head is not None else set()
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    value_lr = cfg.get("value_lr") or cfg.lr
-    groups = [{"params": [p for p in trainable if id(p) not in critic_ids], "lr": cfg.lr, "name": "actor",
-               "base_lr": cfg.lr},
+    value_lr = cfg.get("value_lr") or lr
+    groups = [{"params": [p for p in trainable if id(p) not in critic_ids], "lr": lr, "name": "actor",
+               "base_lr": lr},
               {"params": [p for p in trainable if id(p) in critic_ids], "lr": value_lr, "name": "critic",
                "base_lr": value_lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.adam_betas),
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(cfg.adam_betas),
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
 
@@ -187,6 +199,51 @@ def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
         raise ValueError("use_real_data_co_training is on but no real replay was given")
     real = (lambda epoch, micro, n: real_replay.sample(n, policy.chunk_size, rng)) if co_train else None
     return optimizer_update(CoTrainLossModule(policy), policy, optimizer, sim_batch, cfg, real, critic_only)
+
+
+def filtered_bc_update(policy, optimizer: torch.optim.Optimizer, cfg, success_replay,
+                       real_batches: Optional[Callable[[int], dict]], rng: np.random.Generator) -> dict[str, float]:
+    """``learner.rl_objective: filtered_bc``: ``cfg.filtered_bc.steps_per_update`` optimiser steps, each on
+    ``total = L_RL + sft_loss_weight * L_SFT`` where L_RL is the flow-matching loss on
+    ``filtered_bc.batch_size`` chunk-steps of the policy's own successful twin episodes
+    (``learner.success_replay``) and L_SFT the same loss on ``real_batch_size`` real samples from
+    ``real_batches(n)`` (None: no SFT term). Actions in the success replay are normalised, as the
+    chains held them; ``to_env_actions`` hands ``sft_loss`` what the env received."""
+    fbc = cfg.filtered_bc
+    device = policy.device
+    policy.train()
+    amp = autocast_dtype(cfg.get("autocast_dtype"))
+    per_step, grad_norms, real_samples, skipped = [], [], 0, 0
+    for _ in range(int(fbc.steps_per_update)):
+        optimizer.zero_grad(set_to_none=True)
+        sim = success_replay.sample(int(fbc.batch_size), policy.chunk_size, rng)
+        sim["actions"] = policy.to_env_actions(torch.as_tensor(sim["actions"], device=device))
+        with autocast(policy.device, amp):
+            rl = policy.sft_loss(*sft_inputs(policy, sim, device))
+            stats = {"train/rl_loss": rl.detach()}
+            total = rl
+            if real_batches is not None:
+                real = real_batches(int(cfg.real_batch_size))
+                real_samples += len(real["task"])
+                sft = policy.sft_loss(*sft_inputs(policy, real, device))
+                total = rl + cfg.sft_loss_weight * sft
+                stats["train/sft_loss"] = sft.detach()
+        stats["actor/total_loss"] = total.detach()
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad).detach()
+        if not bool(step_is_finite(grad_norm, [stats])):  # the weights stay finite
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
+        grad_norms.append(grad_norm)
+        warm_up_actor_lr(optimizer, int(cfg.get("actor_lr_warmup_steps") or 0))
+        optimizer.step()
+        per_step.append(stats)
+    out = with_loss_ratio(reduce_stats(per_step, [1.0] * len(per_step)), cfg) if per_step else {}
+    out.update({"train/optimizer_steps": float(len(per_step)), "train/skipped_nonfinite_steps": float(skipped),
+                "train/grad_norm": float(torch.stack(grad_norms).float().mean()) if grad_norms else float("nan"),
+                "train/lr": float(optimizer.param_groups[0]["lr"]), "train/real_samples": float(real_samples)})
+    return out
 
 
 def optimizer_update(model: torch.nn.Module, policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,

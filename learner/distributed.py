@@ -140,9 +140,10 @@ def per_rank_config(lcfg, world_size: int) -> DictConfig:
                          f"number of ranks ({world_size})")
     unsupported = [k for k in ("critic_warmup_updates", "target_kl") if lcfg.get(k)]
     unsupported += ["num_minibatches"] if (lcfg.get("num_minibatches") or 1) > 1 else []
+    unsupported += ["rl_objective"] if lcfg.get("rl_objective", "ppo") != "ppo" else []
     if unsupported:
         raise ValueError(f"learner.{unsupported} are not supported by the data-parallel learner yet: "
-                         "set them to 0/null or run one process")
+                         "set them to 0/null (rl_objective: ppo) or run one process")
     shard = lcfg.global_batch_size // world_size
     return OmegaConf.merge(lcfg, {"global_batch_size": shard, "micro_batch_size": min(lcfg.micro_batch_size, shard),
                                   "real_batch_size": math.ceil(lcfg.real_batch_size / world_size)})

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from typing import Protocol
+from typing import Optional, Protocol
 
 from omegaconf import DictConfig
 
@@ -33,6 +33,17 @@ NO_VOCAB_LIMIT = 2**31 - 1
 STORED, DUPLICATE = "stored", "duplicate"  # IngestSink.store_episode outcomes; anything else is a drop reason
 
 
+def segment_stream(msg: Message) -> Optional[tuple]:
+    """(sender, env index, sequence number) of a segment message whose meta states both numbers as
+    non-negative integers (``actors.rollout.SegmentStats.meta``), else None: the segment still trains,
+    but cannot be joined with its neighbours into an episode."""
+    meta = msg.meta if isinstance(msg.meta, dict) else {}
+    env_index, seq = meta.get("env_index"), meta.get("env_seq")
+    if not all(type(v) is int and 0 <= v < 2**63 for v in (env_index, seq)):
+        return None
+    return str(msg.sender)[:MAX_PEER_NAME], env_index, seq
+
+
 class IngestSink(Protocol):
     """What the ingest thread hands data to. Called from the ingest thread."""
     session: str
@@ -41,8 +52,9 @@ class IngestSink(Protocol):
     @property
     def version(self) -> int: ...
 
-    def add_segment(self, segment: dict, policy_version: int) -> None:
-        """A segment that passed the layout and value checks."""
+    def add_segment(self, segment: dict, policy_version: int, stream: Optional[tuple] = None) -> None:
+        """A segment that passed the layout and value checks; ``stream``: (sender, env index, sequence
+        number) when the sender stated them as integers (``segment_stream``), else None."""
 
     def store_episode(self, ep: Episode) -> str:
         """STORED, DUPLICATE, or the reason it was dropped (counted under that name)."""
@@ -81,9 +93,9 @@ class Ingest(threading.Thread):
 
     # -- data ---------------------------------------------------------------------------------
     def on_segment(self, msg: Message):
-        self.accept_segment(dict(msg.arrays), msg.policy_version)
+        self.accept_segment(dict(msg.arrays), msg.policy_version, segment_stream(msg))
 
-    def accept_segment(self, segment: dict, policy_version: int):
+    def accept_segment(self, segment: dict, policy_version: int, stream: Optional[tuple] = None):
         try:
             self.segment_spec.check(segment)
         except ValueError as e:
@@ -95,7 +107,7 @@ class Ingest(threading.Thread):
             self.dropped[f"bad_segment_value:{fault}"] += 1
             self.drop_log.warn(f"dropping segment: {fault}")
             return
-        self.sink.add_segment(segment, policy_version)
+        self.sink.add_segment(segment, policy_version, stream)
 
     def on_notice(self, msg: Message):
         meta = msg.meta
@@ -120,7 +132,7 @@ class Ingest(threading.Thread):
         if segment is None:  # not READY with this seq (writer died mid-write, stale notice) or torn
             self.dropped["slot_not_ready"] += 1
             return
-        self.accept_segment(segment, msg.policy_version)
+        self.accept_segment(segment, msg.policy_version, segment_stream(msg))
 
     def on_episode(self, msg: Message):
         try:

@@ -93,8 +93,8 @@ class Learner:
         return self.trainer.counters
 
     # -- IngestSink: called from the ingest thread ---------------------------------------------
-    def add_segment(self, segment: dict, policy_version: int):
-        self.trainer.add_segment(segment, policy_version)
+    def add_segment(self, segment: dict, policy_version: int, stream=None):
+        self.trainer.add_segment(segment, policy_version, stream)
 
     def store_episode(self, ep) -> str:
         return self.episodes.store(ep)
@@ -195,7 +195,7 @@ class Learner:
                     continue
                 progress.update(1)
                 progress.set_postfix(version=self.version, lag=f"{self.last_stats.get('policy_lag/mean', 0):.1f}",
-                                     ppo=f"{self.last_stats.get('train/ppo_loss', 0):.3f}")
+                                     rl=f"{self.last_stats.get('train/rl_loss', 0):.3f}")
                 if lcfg.total_updates and self.counters.updates >= lcfg.total_updates:
                     break
                 if lcfg.max_duration_s and time.time() - t_start > lcfg.max_duration_s:

@@ -1,4 +1,5 @@
-"""The learner's train side: batches out of the batcher, one V-trace PPO (+ SFT co-training) update each.
+"""The learner's train side: batches out of the batcher, one V-trace PPO (+ SFT co-training) update each,
+or with ``learner.rl_objective: filtered_bc`` one filtered-BC update (``learner/success_replay.py``) per batch.
 
 ``Trainer`` owns what an update needs (policy, optimiser, batcher and its lock, real replay, rng,
 counters) and each update's bookkeeping (policy-lag histogram, samples/s, the loss-ratio alarm,
@@ -20,9 +21,12 @@ import torch
 
 from learner.batcher import Batcher
 from learner.checkpoint import LearnerCounters
-from learner.cotrain import make_optimizer, train_step
+from learner.cotrain import filtered_bc_update, make_optimizer, train_step
 from learner.metrics import LossRatioMonitor
 from learner.real_replay import RealReplay
+from learner.success_replay import EpisodeAssembler, SuccessReplay
+
+RL_OBJECTIVES = ("ppo", "filtered_bc")
 
 log = logging.getLogger("tandem.learner")
 
@@ -54,19 +58,41 @@ class Trainer:
         self._samples_window = (time.time(), counters.sim_samples)
         self.samples_per_s = 0.0
         self.lag_histogram = np.zeros(lcfg.max_policy_lag + 1, dtype=np.int64)  # trained segments by policy lag
+        self.objective = str(lcfg.get("rl_objective", "ppo"))
+        if self.objective not in RL_OBJECTIVES:
+            raise ValueError(f"learner.rl_objective={self.objective!r}: expected one of {RL_OBJECTIVES}")
+        self.success_replay, self.assembler = None, None
+        if self.objective == "filtered_bc":
+            fbc = lcfg.filtered_bc
+            self.success_replay = SuccessReplay(int(fbc.capacity_chunks), policy.exec_horizon, seed)
+            self.assembler = EpisodeAssembler(policy.exec_horizon, self.success_replay.add, int(fbc.max_episode_chunks))
+            self.step = self._filtered_bc_step
 
     @property
     def version(self) -> int:
         return self.counters.policy_version
 
-    def add_segment(self, segment: dict, policy_version: int):
-        """From the ingest thread."""
+    def add_segment(self, segment: dict, policy_version: int, stream: Optional[tuple] = None):
+        """From the ingest thread. ``stream``: (sender, env index, sequence number) when the sender said;
+        filtered BC joins a stream's segments into episodes."""
         with self.batch_lock:
             self.batcher.add(segment, policy_version, self.version)
+        if self.assembler is not None and stream is not None:
+            sender, env_index, seq = stream
+            self.assembler.add((sender, env_index), seq, segment)
 
     def _one_process_step(self, batch: dict, co_train: bool, critic_only: bool, new_version: bool) -> dict:
         return train_step(self.policy, self.optimizer, batch, self.cfg, self.replay, self.rng, critic_only,
                           co_train=co_train)
+
+    def _filtered_bc_step(self, batch: dict, co_train: bool, critic_only: bool, new_version: bool) -> dict:
+        """One filtered-BC update once the success replay holds ``filtered_bc.min_episodes`` episodes (until
+        then the batch only counts: no optimiser step). The batch itself is not trained on: its segments
+        reached the success replay at ingest."""
+        if self.success_replay.size()["episodes"] < int(self.cfg.filtered_bc.min_episodes):
+            return {"train/optimizer_steps": 0.0}
+        real = (lambda n: self.replay.sample(n, self.policy.chunk_size, self.rng)) if co_train else None
+        return filtered_bc_update(self.policy, self.optimizer, self.cfg, self.success_replay, real, self.rng)
 
     def train_once(self) -> Optional[Update]:
         """One update on the next batch; None when no batch is ready."""
@@ -107,4 +133,9 @@ class Trainer:
                       "rollout/mean_chunk_reward": batch["reward"].mean().item()})
         if self.replay is not None:
             stats["replay/real_frames"] = self.replay.size()["frames"]
+        if self.success_replay is not None:
+            size, a = self.success_replay.size(), self.assembler
+            stats.update({"replay/success_episodes": size["episodes"], "replay/success_chunks": size["chunks"],
+                          "replay/success_added": size["added"], "replay/assembled_episodes": a.episodes,
+                          "replay/discarded_partial_episodes": a.discarded})
         return Update(stats, new_version)

@@ -110,6 +110,13 @@ class Policy(nn.Module, abc.ABC):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def to_env_actions(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised actions (a chain's last element) [..., 7] -> env units, bounded by ``action_clip``:
+        what the env receives for a sampled chain (needs the backend's ``normalizer``)."""
+        if self.action_clip is not None:
+            x = x.clamp(-self.action_clip, self.action_clip)
+        return self.normalizer.unnormalize("action", x)
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

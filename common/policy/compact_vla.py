@@ -221,7 +221,7 @@ class CompactVLA(Policy):
                                             lambda x, step: self.transition(x, step, obs_emb),
                                             lambda: self._noise(B, obs_emb, generator), self.chain_terms,
                                             self.stochastic_steps)
-        return SampleOutput(actions=self._to_env(chain[:, -1]), chain=chain, log_prob=log_prob,
+        return SampleOutput(actions=self.to_env_actions(chain[:, -1]), chain=chain, log_prob=log_prob,
                             value=self.value_head(obs_emb).squeeze(-1))
 
     def evaluate(self, obs: Obs, chain: torch.Tensor) -> EvaluateOutput:
@@ -287,16 +287,12 @@ class CompactVLA(Policy):
         B = obs_emb.shape[0]
         x = (self._noise(B, obs_emb, generator) if generator is not None
              else torch.zeros(B, self.chunk_size, self.action_dim, device=obs_emb.device))
-        return self._to_env(self.ode(obs_emb, x))
+        return self.to_env_actions(self.ode(obs_emb, x))
 
     # ----- helpers -----------------------------------------------------------------------------
     def _noise(self, B: int, like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         return torch.randn(B, self.chunk_size, self.action_dim, generator=generator, device=like.device)
 
-    def _to_env(self, x: torch.Tensor) -> torch.Tensor:
-        if self.action_clip is not None:
-            x = x.clamp(-self.action_clip, self.action_clip)
-        return self.normalizer.unnormalize("action", x)
 
     # ----- persistence -----------------------------------------------------------------------------
     def save(self, path: str) -> None:

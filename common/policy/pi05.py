@@ -177,7 +177,7 @@ class Pi05Policy(Policy):
 
         chain, log_prob = flow.sample_chain(self._noise(B, generator), self.num_denoise_steps, transition,
                                             lambda: self._noise(B, generator), self.chain_terms, self.stochastic_steps)
-        return SampleOutput(actions=self._to_env(chain[:, -1]), chain=chain, log_prob=log_prob,
+        return SampleOutput(actions=self.to_env_actions(chain[:, -1]), chain=chain, log_prob=log_prob,
                             value=self.model.value(cache.hidden, cache.pad))
 
     def evaluate(self, obs: Obs, chain: torch.Tensor) -> EvaluateOutput:
@@ -216,16 +216,12 @@ class Pi05Policy(Policy):
         for k in range(self.num_denoise_steps):
             velocity, _ = self.velocity(x, torch.full((B,), k / self.num_denoise_steps, device=x.device), cache)
             x = x + velocity / self.num_denoise_steps
-        return self._to_env(x)
+        return self.to_env_actions(x)
 
     # ----- helpers -----------------------------------------------------------------------------
     def _noise(self, B: int, generator: Optional[torch.Generator]) -> torch.Tensor:
         return torch.randn(B, self.chunk_size, self.action_dim, generator=generator, device=self.device)
 
-    def _to_env(self, x: torch.Tensor) -> torch.Tensor:
-        if self.action_clip is not None:
-            x = x.clamp(-self.action_clip, self.action_clip)
-        return self.normalizer.unnormalize("action", x)
 
     def train(self, mode: bool = True):
         super().train(mode)

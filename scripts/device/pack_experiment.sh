@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# scripts/device/pack_experiment.sh RUN_DIR OUT   (ON THE GPU MACHINE, after tandem-experiment)
-# What must come back from a tandem-experiment run, as at most two files under OUT (the device returns
+# scripts/device/pack_experiment.sh RUN_DIR OUT [SHIPPED_CONDITION]   (ON THE GPU MACHINE, after tandem-experiment)
+# What must come back from a tandem-experiment run, as a few files under OUT (the device returns
 # 8 files of <= 16 MiB): results.tar (tables, plots, eval.json, the TensorBoard report, run logs'
 # tails, TensorBoard event files), stage2_cotrain.tar (the shipped co-trained policy, when present) and
-# ppo_final_seedN.tar per seed (plain PPO's last checkpointed policy, ~10 MB, for looking at on the CPU).
+# COND_final_seedN.tar per other run (its last checkpointed policy, ~10 MB, for looking at on the CPU).
 set -uo pipefail
 RUN=$1
 OUT=$2
@@ -25,8 +25,12 @@ for s in seed*/*/summary.json; do
 done
 tar -C /tmp/pack -cf "$OUT/results.tar" .
 [ -d stage2_cotrain ] && tar -cf "$OUT/stage2_cotrain.tar" stage2_cotrain
-for run in seed*/ppo; do
+SHIPPED=${3:-}  # the condition stage2_cotrain.tar already holds (experiment.ship_condition): not packed twice
+for run in seed*/*/; do
+  run=${run%/}
+  cond=$(basename "$run")
+  [ "$cond" = "$SHIPPED" ] && [ -d stage2_cotrain ] && continue
   last=$(ls -d "$run"/checkpoints/ckpt-* 2>/dev/null | sort | tail -1)  # zero-padded: lexical = numeric order
-  [ -n "$last" ] && tar -cf "$OUT/ppo_final_$(dirname "$run").tar" "$last/policy"
+  [ -n "$last" ] && tar -cf "$OUT/${cond}_final_$(dirname "$run").tar" "$last/policy"
 done
 ls -la "$OUT"

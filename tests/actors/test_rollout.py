@@ -40,8 +40,12 @@ def test_a_segment_carries_the_bootstrap_observation_and_its_oldest_version():
     assert list(seg["done"]) == [0, 1, 1] and list(seg["success"]) == [0, 1, 0]
     assert seg["image"][3].max() == 42 and seg["state"][3][0] == 42 and seg["tokens"][3][0] == 42
     assert seg["image"][1].max() == 2 and seg["behaviour_logp"][2] == -2.0
-    assert meta == dict(env_steps=12, episodes=2, successes=1, returns=[1.5, 0.0], env_index=2, version=5)
+    assert meta == dict(env_steps=12, episodes=2, successes=1, returns=[1.5, 0.0], env_index=2, env_seq=0, version=5)
     assert not b.full and b.stats.env_steps == 0  # the next segment starts empty
+    for t in range(3):
+        b.record_sample(obs(t), tokens(t), chain(t), log_prob=0.0, value=0.0, version=8)
+        b.record_result(result(0.0))
+    assert b.finish(obs(0), tokens(0))[1]["env_seq"] == 1  # the env's segments are numbered: a receiver sees gaps
 
 
 def test_a_truncation_without_its_value_and_an_early_finish_are_refused():

@@ -151,6 +151,19 @@ def test_subscriber_never_goes_back_or_mixes_versions():
         assert all(a < b for a, b in zip(seen, seen[1:]))
 
 
+def publisher_once_port_is_free(endpoint: str, timeout_s: float = 5.0) -> WeightPublisher:
+    """libzmq releases a closed socket's TCP listener asynchronously: a rebind in the same process can
+    meet EADDRINUSE for a moment on a loaded machine (a restarted learner is a new process)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return WeightPublisher(endpoint, options=FAST)
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def test_restarted_publisher_starts_a_new_version_order():
     endpoint = free_tcp_endpoint()
     with WeightSubscriber(endpoint, options=FAST) as sub:
@@ -158,7 +171,7 @@ def test_restarted_publisher_starts_a_new_version_order():
             wait_for_subscription(pub, sub)
             pub.publish(10, weights(10))
             assert sub.poll_latest(timeout_ms=1000).policy_version == 10
-        with WeightPublisher(endpoint, options=FAST) as pub:  # a fresh learner, versions from 0
+        with publisher_once_port_is_free(endpoint) as pub:  # a fresh learner, versions from 0
             got = wait_for_subscription(pub, sub)
             assert got.policy_version == 0 and got.meta["publisher_id"] == pub.publisher_id
 

@@ -137,3 +137,27 @@ def test_learner_and_actors_train_survive_kill_and_resume(tmp_path, real_proxy_d
     assert {"train/ppo_loss", "train/sft_loss", "actor/total_loss", "train/loss_ratio"} <= tags
     # the killed actor's ring was reaped, the others' unlinked on exit
     assert not [r for r in list_rings() if "tandem_" in r and any(str(p.pid) in r for p in procs.procs.values())]
+
+
+def test_filtered_bc_joins_ring_segments_into_episodes(tmp_path, real_proxy_dataset):
+    """The filtered-BC learner gets each segment's stream (env index, env_seq) through the shared-memory
+    ring's notice, whose own "seq" is the slot's: episodes spanning segments are joined, none dropped."""
+    run_dir = tmp_path / "run"
+    procs = Procs(tmp_path, [f"run_dir={run_dir}", *FAST, *transport(tmp_path), "learner.rl_objective=filtered_bc",
+                             f"learner.real_datasets=[{{repo_id: local/real, root: {real_proxy_dataset}}}]"])
+    try:
+        procs.start("learner", "learner.main")
+        procs.actor(0)
+        wait_until(lambda: (r := learner_status(tmp_path)) and r.meta["updates"] >= 6, 240, "6 updates", procs)
+        dropped = learner_status(tmp_path).meta["dropped"]
+    finally:
+        procs.stop_all()
+    assert not any(v for v in dropped.values()), dropped
+    assembled = []
+    for f in (run_dir / "tb").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        assembled += [e.value for e in acc.Scalars("replay/assembled_episodes")]
+        assert not [e for e in acc.Scalars("replay/discarded_partial_episodes") if e.value > 0]
+    # 20-step episodes of 4-step chunks over 2-chunk-step segments: each episode spans 3 segments
+    assert max(assembled) >= 2

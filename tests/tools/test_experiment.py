@@ -50,7 +50,8 @@ def test_targets_are_judged_per_seed():
                            1: {"twin": 0.40, "real_proxy": 0.30, "heldout_real_sft_loss": 0.25}},
                "ppo": {0: {"twin": 0.45, "real_proxy": 0.30, "heldout_real_sft_loss": 0.30},
                        1: {"twin": 0.45, "real_proxy": 0.35, "heldout_real_sft_loss": 0.24}}}
-    lines = check_targets(results)
+    lines = check_targets(results, {"cotrain": "ppo", "fbc_cotrain": "fbc"})  # fbc_cotrain did not run: no lines
+    assert len(lines) == 4
     assert "+0.180" in lines[0] and "met)" in lines[0] and "not met" not in lines[0]
     assert "(shows what" in lines[1]
     assert lines[2].count("not met") == 2  # seed 1: +0.08 twin, -0.09 real
@@ -61,7 +62,7 @@ def test_a_change_of_exactly_minus_three_points_meets_the_real_proxy_target():
     stage1 = {"twin": 0.32, "real_proxy": 0.39, "heldout_real_sft_loss": 0.22}
     results = {"sft": {0: stage1}, "cotrain": {0: {"twin": 0.34, "real_proxy": 0.36, "heldout_real_sft_loss": 0.23}}}
     assert 0.36 - 0.39 < -0.03  # the float arithmetic the check must not trip on
-    assert "real proxy -0.030 (target >= -0.03: met)" in check_targets(results)[0]
+    assert "real proxy -0.030 (target >= -0.03: met)" in check_targets(results, {"cotrain": "ppo"})[0]
 
 
 def test_curve_success_counts_only_the_curve_seeds():
