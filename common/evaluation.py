@@ -30,14 +30,18 @@ class EpisodeResult(NamedTuple):
                            # False for an env that does not report ``info["is_grasped"]``
 
 
-def run_episode(policy, env, seed: int, device, on_chunk: Optional[Callable[[], None]] = None) -> EpisodeResult:
-    """One deterministic episode. ``on_chunk`` is called after each executed chunk (an eval actor's
-    heartbeat: an episode can outlast the learner's peer timeout on a busy CPU)."""
+def run_episode(policy, env, seed: int, device, on_chunk: Optional[Callable[[], None]] = None,
+                sample_generator: Optional[torch.Generator] = None) -> EpisodeResult:
+    """One deterministic episode, or with ``sample_generator`` one stochastic episode as an actor rolls
+    it out (``policy.sample``, the RL-time denoising noise). ``on_chunk`` is called after each executed
+    chunk (an eval actor's heartbeat: an episode can outlast the learner's peer timeout on a busy CPU)."""
     obs, info = env.reset(seed=seed)
     tokens = policy.tokenize([info["instruction"]]).to(device)
     steps, episode_return, done = 0, 0.0, False
     while not done:
-        chunk = policy.act(policy_obs(obs, tokens, device))[0, :policy.exec_horizon]
+        o = policy_obs(obs, tokens, device)
+        chunk = (policy.act(o) if sample_generator is None
+                 else policy.sample(o, generator=sample_generator).actions)[0, :policy.exec_horizon]
         for action in chunk.float().cpu().numpy():
             obs, reward, terminated, truncated, info = env.step(action)
             steps += 1
@@ -117,35 +121,58 @@ def shape_of(instruction: str, shape_nouns: dict) -> str:
 _WORKER: dict = {}
 
 
-def _worker_init(extra_overrides: list[str], device: str, threads: int) -> None:
+def _worker_init(extra_overrides: list[str], device: str, threads: int, policy_overrides: Optional[dict] = None) -> None:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(threads)
-    _WORKER.update(extra=list(extra_overrides), device=device, policies={}, envs={})
+    _WORKER.update(extra=list(extra_overrides), device=device, policies={}, envs={}, policy_overrides=policy_overrides)
 
 
-def _worker_episode(task: tuple[str, str, int]) -> dict:
-    """One deterministic episode of (policy directory, env name, seed); policies and envs are
-    built once per worker and reused."""
+def _worker_episode(task: tuple) -> dict:
+    """One episode of (policy directory, env name, seed[, sample seed]): deterministic, or stochastic
+    (``policy.sample``'s noise drawn from the sample seed); policies and envs are built once per worker
+    and reused."""
     from common.config import load_config
     from common.policy import load_policy
     from common.twin import make_env
 
-    policy_dir, env_name, seed = task
+    policy_dir, env_name, seed, *sample_seed = task
     if policy_dir not in _WORKER["policies"]:
-        _WORKER["policies"][policy_dir] = load_policy(policy_dir, map_location=_WORKER["device"]).eval()
+        _WORKER["policies"][policy_dir] = load_policy(policy_dir, map_location=_WORKER["device"],
+                                                      overrides=_WORKER["policy_overrides"]).eval()
     overrides = (*policy_env_overrides(policy_dir), *_WORKER["extra"])
     key = (overrides, env_name)
     if key not in _WORKER["envs"]:
         _WORKER["envs"][key] = make_env(load_config("config", list(overrides)).env, real_proxy=ENV_NAMES[env_name],
                                         obs_mode="rgb")
     env = _WORKER["envs"][key]
+    generator = (torch.Generator(device=_WORKER["device"]).manual_seed(int(sample_seed[0])) if sample_seed else None)
     with torch.no_grad():
-        result = run_episode(_WORKER["policies"][policy_dir], env, seed, _WORKER["device"])
-    return {"policy": policy_dir, "env": env_name, "seed": seed, "success": result.success, "length": result.length,
+        result = run_episode(_WORKER["policies"][policy_dir], env, seed, _WORKER["device"], sample_generator=generator)
+    return {"policy": policy_dir, "env": env_name, "seed": seed, "sample_seed": sample_seed[0] if sample_seed else None,
+            "success": result.success, "length": result.length,
             "return": result.episode_return, "held_at_end": result.held_at_end,
             "shape": shape_of(env.instruction, env.cfg["object"]["shapes"])}
+
+
+def run_episodes(tasks: list[tuple], workers: int, device: str = "cpu", overrides: list[str] = (), threads: int = 1,
+                 progress: bool = True, policy_overrides: Optional[dict] = None) -> list[dict]:
+    """``_worker_episode`` over ``tasks`` in ``workers`` spawned processes (unordered results);
+    ``policy_overrides`` as ``load_policy``'s (e.g. the RL-time ``noise`` settings)."""
+    import multiprocessing as mp
+
+    results: list[dict] = []
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(max(1, min(workers, len(tasks))), _worker_init,
+                  (list(overrides), device, threads, policy_overrides)) as pool:
+        bar = tqdm(total=len(tasks), desc="tandem-eval", unit="ep", disable=not progress)
+        for r in pool.imap_unordered(_worker_episode, tasks, chunksize=1):
+            results.append(r)
+            bar.update(1)
+            bar.set_postfix(success=f"{np.mean([x['success'] for x in results]):.2f}")
+        bar.close()
+    return results
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -181,22 +208,12 @@ def evaluate_parallel(jobs: list[tuple[str, list[str], list[int]]], workers: int
     """Deterministic episodes for every (policy directory, envs, seeds) job, spread over ``workers``
     processes that build each policy and env once. Each policy is evaluated with its
     ``env_overrides.json`` plus ``overrides``. Returns {policy_dir: {"summary", "episodes"}}."""
-    import multiprocessing as mp
-
     for _, envs, _ in jobs:
         unknown = [e for e in envs if e not in ENV_NAMES]
         if unknown:
             raise ValueError(f"unknown envs {unknown}: choose from {sorted(ENV_NAMES)}")
     tasks = [(d, env, seed) for d, envs, seeds in jobs for env in envs for seed in seeds]
-    results: list[dict] = []
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(max(1, min(workers, len(tasks))), _worker_init, (list(overrides), device, threads)) as pool:
-        bar = tqdm(total=len(tasks), desc="tandem-eval", unit="ep", disable=not progress)
-        for r in pool.imap_unordered(_worker_episode, tasks, chunksize=1):
-            results.append(r)
-            bar.update(1)
-            bar.set_postfix(success=f"{np.mean([x['success'] for x in results]):.2f}")
-        bar.close()
+    results = run_episodes(tasks, workers, device, overrides, threads, progress)
     out = {}
     for d, _, _ in jobs:
         eps = sorted((r for r in results if r["policy"] == d), key=lambda r: (r["env"], r["seed"]))

@@ -31,7 +31,7 @@ TMP_PREFIX = ".tmp-"
 class LearnerCounters:
     policy_version: int = 0  # version of the weights in this checkpoint; resuming continues from it
     updates: int = 0  # optimiser updates (train steps)
-    sim_samples: int = 0  # chunk-steps trained on
+    sim_samples: int = 0  # chunk-steps trained on (filtered BC: every chunk-step that reached its success replay)
     real_samples: int = 0  # real frames drawn for the SFT loss
     dropped_segments: int = 0  # too stale, overflow or malformed
 

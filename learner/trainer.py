@@ -80,6 +80,8 @@ class Trainer:
         if self.assembler is not None and stream is not None:
             sender, env_index, seq = stream
             self.assembler.add((sender, env_index), seq, segment)
+            # what filtered BC learns from: every joined segment, also those the batcher later drops
+            self.counters.sim_samples += len(segment["done"])
 
     def _one_process_step(self, batch: dict, co_train: bool, critic_only: bool, new_version: bool) -> dict:
         return train_step(self.policy, self.optimizer, batch, self.cfg, self.replay, self.rng, critic_only,
@@ -112,7 +114,8 @@ class Trainer:
         stats = self.step(batch, co_train, critic_only, new_version)
         T, B = batch["reward"].shape
         self.counters.updates += 1
-        self.counters.sim_samples += T * B
+        if self.assembler is None:  # filtered BC counts its chunk-steps as they arrive (add_segment)
+            self.counters.sim_samples += T * B
         self.counters.real_samples += int(stats.pop("train/real_samples", 0))
         self.skipped_nonfinite += int(stats.get("train/skipped_nonfinite_steps", 0) > 0)
         if new_version:

@@ -51,6 +51,9 @@ METRICS = [
     Metric("train/clip_fraction", "PPO clip fraction", None),
     Metric("train/explained_variance", "value explained variance", "max"),
     Metric("rollout/success_rate_in_batch", "success in trained batches (stochastic)", "max"),
+    Metric("train/rl_loss", "RL term (PPO loss, or filtered BC's flow matching)", "min"),
+    Metric("replay/success_episodes", "filtered BC: successful episodes in the replay", "max"),
+    Metric("replay/assembled_episodes", "filtered BC: episodes joined from segments", "max"),
 ]
 LABEL = {m.tag: m.label for m in METRICS}
 
@@ -85,6 +88,9 @@ FIGURES = [
            (Panel("approx. KL (solid: applied steps, dashed: at the end)", ("train/approx_kl", "train/approx_kl_last"), log_y=True), Panel("clip fraction", ("train/clip_fraction",)),
             Panel("value explained variance", ("train/explained_variance",)),
             Panel("success in trained batches", ("rollout/success_rate_in_batch",), ylim=SUCCESS_YLIM))),
+    Figure("filtered_bc.png", "Filtered BC: success replay",
+           (Panel("episodes (solid: kept successes, dashed: joined)",
+                  ("replay/success_episodes", "replay/assembled_episodes")),)),
     Figure("policy_lag.png", "Policy lag (versions; solid mean, dashed max)",
            (Panel("policy lag", ("policy_lag/mean", "policy_lag/max")),)),
     Figure("throughput.png", "Learner throughput", (Panel("sim samples/s", ("throughput/sim_samples_per_s",)),)),

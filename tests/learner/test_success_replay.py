@@ -204,4 +204,6 @@ def test_trainer_joins_streamed_segments_and_trains_once_the_replay_is_ready():
     update = trainer.train_once()
     assert update.stats["train/optimizer_steps"] == 3.0 and update.stats["replay/success_episodes"] == 3
     assert update.stats["replay/assembled_episodes"] == 4
+    # filtered BC learns from every joined chunk-step, not only the batches it paces its updates by
+    assert trainer.counters.sim_samples == 6 * T
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
