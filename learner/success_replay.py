@@ -43,7 +43,7 @@ class SuccessEpisode:
 @dataclass
 class _Partial:
     next_seq: int
-    steps: list  # (image, tokens, state, executed actions [k, A]) per chunk-step
+    steps: Optional[list]  # (image, tokens, state, executed actions [k, A]) per chunk-step; None: joined mid-episode
 
 
 class EpisodeAssembler:
