@@ -54,6 +54,43 @@ def run_episode(policy, env, seed: int, device, on_chunk: Optional[Callable[[], 
     return EpisodeResult(bool(info["success"]), steps, episode_return, bool(info.get("is_grasped", False)))
 
 
+SAMPLING = ("sde", "ode")  # PolicyAgent's stochastic modes
+
+
+class PolicyAgent:
+    """A saved policy as a step-by-step agent (``reset()``, ``act(obs) -> action[7]``) of ``env``, e.g. for
+    ``common.twin.demos``: a chunk per ``exec_horizon`` steps, as an actor executes it. Deterministic
+    (``policy.act`` from x_0 = 0), or with ``generator`` stochastic: ``sampling="sde"`` is an actor's
+    ``policy.sample`` (the RL-time noise on the denoising steps), ``"ode"`` the deterministic ODE from a
+    random x_0 ~ N(0, I), i.e. a sample of the flow's own action distribution with no noise added to the
+    actions. Its recorded successes are the policy's own successful episodes: offline filtered BC's data."""
+
+    def __init__(self, policy, env, generator: Optional[torch.Generator] = None, sampling: str = "sde"):
+        if sampling not in SAMPLING:
+            raise ValueError(f"sampling={sampling!r}: expected one of {SAMPLING}")
+        self.policy, self.env, self.generator, self.sampling = policy.eval(), env, generator, sampling
+        self.queue: list[np.ndarray] = []
+        self.tokens = None
+
+    def reset(self) -> None:
+        self.queue = []
+        self.tokens = self.policy.tokenize([self.env.instruction]).to(self.policy.device)
+
+    @torch.no_grad()
+    def act(self, obs: dict) -> np.ndarray:
+        if not self.queue:
+            o = policy_obs(obs, self.tokens, self.policy.device)
+            if self.generator is None:
+                chunk = self.policy.act(o)
+            elif self.sampling == "ode":
+                chunk = self.policy.act(o, generator=self.generator)
+            else:
+                chunk = self.policy.sample(o, generator=self.generator).actions
+            chunk = chunk[0, :self.policy.exec_horizon]
+            self.queue = list(chunk.float().cpu().numpy())
+        return self.queue.pop(0)
+
+
 @torch.no_grad()
 def evaluate_policy(policy, env_cfg: Any, *, real_proxy: bool, episodes: int, seed: int,
                     device=None, progress: bool = False, env=None) -> dict:

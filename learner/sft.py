@@ -293,7 +293,13 @@ def run_sft(cfg) -> int:
 
     resumed = load_training(sft, device, rng)
     if resumed is None:
-        policy = make_policy(cfg.policy, stats=stats).to(device)
+        if sft.init_policy:
+            # fine-tune a saved policy: its weights and its normaliser (the datasets' statistics are not
+            # used, so actions keep the scale the policy was trained at)
+            policy = load_policy(str(sft.init_policy), map_location=str(device))
+            log.info("initialised from %s", sft.init_policy)
+        else:
+            policy = make_policy(cfg.policy, stats=stats).to(device)
         optimizer = make_optimizer(policy, sft)
         state = TrainState()
         ema = make_ema(policy, sft.ema_decay)

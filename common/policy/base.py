@@ -93,8 +93,9 @@ class Policy(nn.Module, abc.ABC):
         ``action_pad`` [B, H] bool marks padded steps past an episode's end (excluded)."""
 
     @abc.abstractmethod
-    def act(self, obs: Obs) -> torch.Tensor:
-        """Deterministic action chunk [B, H, 7] in env units (ODE denoising), for eval and deployment."""
+    def act(self, obs: Obs, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Deterministic action chunk [B, H, 7] in env units (ODE denoising from x_0 = 0), for eval and
+        deployment; with ``generator`` the ODE starts from x_0 ~ N(0, I) (a sample of the flow's distribution)."""
 
     @abc.abstractmethod
     def save(self, path: str) -> None:

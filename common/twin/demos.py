@@ -6,7 +6,15 @@ dataset before exiting). By default only successful episodes are kept.
 
 CLI (Hydra overrides of configs/config.yaml go alongside):
   python -m common.twin.demos out=/data/twin_demos episodes=50 env=real_proxy image_size=128x128 \
-      [repo_id=tandem/twin_demos] [video=false] [keep_failed=false] [seed=0] [workers=1] [seed_stride=1000]
+      [repo_id=tandem/twin_demos] [video=false] [keep_failed=false] [seed=0] [workers=1] [seed_stride=1000] \
+      [policy=DIR [sampling=sde|ode|none]] [attempts_per_episode=4]
+
+``policy=DIR`` records a saved policy instead of the scripted expert (``common.evaluation.PolicyAgent``,
+noise seeded by ``seed``; ``sampling=sde``: ``policy.sample`` with the RL-time noise of
+``learner.policy_noise``, ``ode``: the noise-free ODE from a random x_0, ``none``: deterministic), so
+that its kept episodes are its own successes (offline filtered BC, ``docs/stage2.md``). At most
+``attempts_per_episode * episodes`` episodes are run: ``episodes=N attempts_per_episode=1`` runs N rollouts
+and keeps the successful ones.
 
 With ``workers=N`` (N > 1) N processes each write one dataset ``out/part_XX`` (worker i: env seeds
 from ``seed + i * seed_stride``, its share of the episodes); ``learner.real_replay`` reads such a
@@ -15,6 +23,7 @@ thousands of episodes.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -39,7 +48,8 @@ def _act_fn(policy: Policy) -> Callable[[dict], np.ndarray]:
 def write_demos(env_cfg: Any, root: Union[str, Path], repo_id: str, num_episodes: int, *,
                 real_proxy: bool = False, seed: int = 0, policy: Optional[Policy] = None,
                 use_videos: bool = False, keep_failed: bool = False, max_attempts: Optional[int] = None,
-                image_writer_threads: int = 2, progress: bool = True, privileged: Optional[bool] = None) -> Path:
+                image_writer_threads: int = 2, progress: bool = True, privileged: Optional[bool] = None,
+                env=None) -> Path:
     """Write ``num_episodes`` episodes to a new LeRobot dataset at ``root``; returns ``root``.
 
     ``policy``: ``None`` runs :class:`ScriptedExpert`; otherwise a callable ``obs -> action[7]`` or an
@@ -48,12 +58,15 @@ def write_demos(env_cfg: Any, root: Union[str, Path], repo_id: str, num_episodes
     ``max_attempts`` bounds the episodes run (default ``4 * num_episodes``).
     ``privileged``: store the simulator's object and bowl positions per frame (``PRIVILEGED_KEY``);
     default on in the twin, off on the real proxy (which stands in for real episodes, that have none).
+    ``env``: an open env (``make_env``) to use instead of building one (an agent that reads it, such as
+    ``common.evaluation.PolicyAgent``, is built on it); it is left open.
     """
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     root = Path(root)
-    cfg = to_dict(env_cfg)
-    env = make_env(cfg, real_proxy=real_proxy, obs_mode="rgb")
+    own_env = env is None
+    if own_env:
+        env = make_env(to_dict(env_cfg), real_proxy=real_proxy, obs_mode="rgb")
     expert = ScriptedExpert(env) if policy is None else None
     agent = expert if policy is None else policy
     act = _act_fn(agent)
@@ -99,7 +112,8 @@ def write_demos(env_cfg: Any, root: Union[str, Path], repo_id: str, num_episodes
     finally:
         bar.close()
         dataset.finalize()
-        env.close()
+        if own_env:
+            env.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if saved < num_episodes and attempts >= max_attempts:
@@ -107,13 +121,14 @@ def write_demos(env_cfg: Any, root: Union[str, Path], repo_id: str, num_episodes
     return root
 
 
-def write_demos_parallel(args: list[str], out: Path, episodes: int, workers: int, seed: int, seed_stride: int) -> int:
+def write_demos_parallel(args: list[str], out: Path, episodes: int, workers: int, seed: int, seed_stride: int,
+                         attempts_per_episode: float = 4.0) -> int:
     """Run ``workers`` demo processes (this module, ``out=out/part_XX``) with one progress bar."""
     import json
     import subprocess
     import time
 
-    if episodes > workers * seed_stride // 4:
+    if episodes * attempts_per_episode > workers * seed_stride:
         raise ValueError(f"{episodes} episodes over {workers} workers may use more than seed_stride={seed_stride} "
                          "seeds per worker (the blocks would overlap): raise seed_stride")
     passed = [a for a in args if a.partition("=")[0] not in ("out", "episodes", "workers", "seed", "seed_stride")]
@@ -151,6 +166,10 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _flag(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes")
+
+
 def _parse_image_size(text: str) -> list[int]:
     """'128' -> [128, 128]; '480x640' or '[480,640]' -> [H, W]."""
     parts = [int(p) for p in text.strip("[]()").replace("x", ",").split(",") if p.strip()]
@@ -165,7 +184,8 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0
     opts = dict(out=None, episodes="10", repo_id=None, video="false", keep_failed="false", image_size=None,
-                workers="1", seed_stride="1000", progress="true")
+                workers="1", seed_stride="1000", progress="true", policy=None, sampling="sde",
+                attempts_per_episode="4")
     overrides = []
     for a in args:
         key, _, value = a.partition("=")
@@ -182,14 +202,31 @@ def main(argv=None) -> int:
     cfg = load_config("config", overrides)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(opts["out"])
+    per_episode = float(opts["attempts_per_episode"])
     if int(opts["workers"]) > 1:
         return write_demos_parallel(args, out, int(opts["episodes"]), int(opts["workers"]), int(cfg.seed),
-                                    int(opts["seed_stride"]))
-    root = write_demos(cfg.env, out, opts["repo_id"] or f"tandem/{out.name}", int(opts["episodes"]),
-                       real_proxy=bool(cfg.env.real_proxy), seed=int(cfg.seed),
-                       use_videos=opts["video"].lower() in ("1", "true", "yes"),
-                       keep_failed=opts["keep_failed"].lower() in ("1", "true", "yes"),
-                       progress=opts["progress"].lower() in ("1", "true", "yes"))
+                                    int(opts["seed_stride"]), per_episode)
+    env = agent = None
+    if opts["policy"]:
+        import torch
+
+        from common.evaluation import PolicyAgent
+        from common.policy import load_policy
+
+        env = make_env(to_dict(cfg.env), real_proxy=bool(cfg.env.real_proxy), obs_mode="rgb")
+        policy = load_policy(opts["policy"], overrides={"noise": cfg.learner.policy_noise})
+        stochastic = opts["sampling"] != "none"
+        generator = torch.Generator().manual_seed(int(cfg.seed)) if stochastic else None
+        agent = PolicyAgent(policy, env, generator, opts["sampling"] if stochastic else "sde")
+    try:
+        root = write_demos(cfg.env, out, opts["repo_id"] or f"tandem/{out.name}", int(opts["episodes"]),
+                           real_proxy=bool(cfg.env.real_proxy), seed=int(cfg.seed), policy=agent, env=env,
+                           max_attempts=max(1, math.ceil(per_episode * int(opts["episodes"]))),
+                           use_videos=_flag(opts["video"]), keep_failed=_flag(opts["keep_failed"]),
+                           progress=_flag(opts["progress"]))
+    finally:
+        if env is not None:
+            env.close()
     print(f"wrote {root}")
     return 0
 

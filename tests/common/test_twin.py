@@ -208,6 +208,39 @@ def test_dataset_round_trip(tmp_path):
     np.testing.assert_allclose(ds[0][IMAGE_KEY].permute(1, 2, 0).numpy() * 255, obs["image"], atol=1)
 
 
+def test_demos_cli_records_a_saved_policy(tmp_path):
+    """common.twin.demos policy=DIR: the episodes are the policy's own (here deterministic, failures
+    kept), attempts_per_episode bounds the rollouts, and each stored action is the policy's chunk."""
+    import json
+
+    import torch
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from common.evaluation import policy_obs
+    from common.policy import load_policy, make_policy
+    from common.twin.demos import main as demos_main
+
+    steps = 6
+    make_policy(load_config("config", ["policy=tiny"]).policy).save(str(tmp_path / "policy"))
+    args = [f"out={tmp_path / 'own'}", "episodes=2", "attempts_per_episode=1", f"policy={tmp_path / 'policy'}",
+            "sampling=none", "keep_failed=true", "progress=false", "seed=3", f"image_size={IMG}",
+            f"env.max_episode_steps={steps}"]
+    assert demos_main(args) == 0
+    ds = LeRobotDataset("tandem/own", root=tmp_path / "own")
+    assert ds.num_episodes == 2 and len(ds) == 2 * steps
+    policy = load_policy(str(tmp_path / "policy")).eval()
+    with make_env(env_cfg(f"env.max_episode_steps={steps}"), obs_mode="rgb") as env:
+        obs, info = env.reset(seed=3)
+    with torch.no_grad():
+        chunk = policy.act(policy_obs(obs, policy.tokenize([info["instruction"]]), "cpu"))[0].numpy()
+    recorded = np.stack([ds[i][ACTION_KEY].numpy() for i in range(policy.exec_horizon)])
+    np.testing.assert_allclose(recorded, chunk[:policy.exec_horizon], rtol=1e-5, atol=1e-6)
+    # only successes kept (the default): an untrained policy succeeds in none of its 2 rollouts
+    kept = [a for a in args if not a.startswith(("out=", "keep_failed="))] + [f"out={tmp_path / 'kept'}"]
+    assert demos_main(kept) == 0
+    assert json.loads((tmp_path / "kept" / "meta" / "info.json").read_text())["total_episodes"] == 0
+
+
 @pytest.mark.parametrize("readback", ["device", "host"])
 def test_step_is_maniskills_step_taken_apart(readback):
     """TwinEnv renders itself (BaseEnv.step in timed parts) and gives what ManiSkill's own rgb env

@@ -142,6 +142,25 @@ def test_rerun_resumes_the_step_count(sft_run, datasets):
     assert summary["eval_history"][0]["update"] == SFT_STEPS  # history carried over the resume
 
 
+def test_init_policy_fine_tunes_a_saved_policy_with_its_own_normaliser(sft_run, datasets, tmp_path):
+    """sft.init_policy: the run starts from the saved weights and keeps their statistics, not those
+    of the datasets it now trains on."""
+    from learner.sft import main
+
+    init = load_policy(str(sft_run / "policy"))
+    args = sft_args(tmp_path, datasets[1:], 1, eval_episodes=0) + [f"sft.init_policy={sft_run / 'policy'}",
+                                                                  "sft.lr=1e-7"]
+    assert main(args) == 0
+    tuned = load_policy(str(tmp_path / "policy"))
+    np.testing.assert_array_equal(tuned.normalizer.action_mean.numpy(), init.normalizer.action_mean.numpy())
+    fresh = make_policy(load_config("sft", ["policy=tiny"]).policy)
+    weights = [(k, v, init.state_dict()[k], fresh.state_dict()[k]) for k, v in tuned.state_dict().items()
+               if v.is_floating_point() and v.numel() > 1 and "normalizer" not in k]
+    for k, v, v_init, v_fresh in weights:
+        assert (v - v_init).abs().max() < 1e-3, k  # one step at lr 1e-7 from the saved weights
+    assert any(not torch.allclose(v, v_fresh) for _, v, _, v_fresh in weights)
+
+
 # ----- evaluate_policy against a scripted stand-in env ----------------------------------------------
 class ScriptedEnv:
     """Succeeds after ``success_after[seed]`` steps (None: never), truncates at ``max_steps``."""
@@ -194,3 +213,41 @@ def test_evaluate_policy_executes_exec_horizon_actions_per_chunk():
     np.testing.assert_allclose(np.stack(second_episode[:k]), chunk[:k], rtol=1e-6)
     np.testing.assert_allclose(second_episode[k], chunk[0], rtol=1e-6)  # re-planned after k steps ...
     assert not np.allclose(second_episode[k], chunk[k])  # ... rather than running on into the chunk
+
+
+def test_policy_agent_replans_every_exec_horizon_steps_and_samples_with_its_generator():
+    """common.evaluation.PolicyAgent (demos of a policy): deterministic agents follow policy.act chunk by
+    chunk; stochastic ones draw policy.sample's noise from their generator (same seed, same actions)."""
+    from common.evaluation import PolicyAgent
+
+    policy = make_policy(load_config("config", ["policy=tiny"]).policy)
+    k = policy.exec_horizon
+    env = ScriptedEnv({0: None}, 3 * k)
+    obs, _ = env.reset(0)
+    env.instruction = "put the red cube into the bowl"
+    calls = []
+    act = policy.act
+    policy.act = lambda o, **kw: calls.append(o) or act(o, **kw)
+    agent = PolicyAgent(policy, env)
+    agent.reset()
+    actions = np.stack([agent.act(obs) for _ in range(2 * k + 1)])
+    assert len(calls) == 3  # a new chunk at steps 0, k and 2k
+    chunk = act(calls[0])[0].numpy()
+    np.testing.assert_allclose(actions[:k], chunk[:k], rtol=1e-6)
+    np.testing.assert_allclose(actions[k], chunk[0], rtol=1e-6)
+
+    def rollout(seed, sampling="sde"):
+        agent = PolicyAgent(policy, env, torch.Generator().manual_seed(seed), sampling)
+        agent.reset()
+        return np.stack([agent.act(obs) for _ in range(k)])
+
+    for sampling in ("sde", "ode"):
+        np.testing.assert_array_equal(rollout(1, sampling), rollout(1, sampling))
+        assert not np.allclose(rollout(1, sampling), rollout(2, sampling))
+        assert not np.allclose(rollout(1, sampling), chunk[:k])
+    # "ode" is the ODE from x_0 = the generator's first draw: policy.act with that generator
+    expected = act(calls[0], generator=torch.Generator().manual_seed(1))[0, :k].numpy()
+    np.testing.assert_allclose(rollout(1, "ode"), expected, rtol=1e-6)
+    assert not np.allclose(rollout(1, "ode"), rollout(1, "sde"))
+    with pytest.raises(ValueError, match="sampling='noisy'"):
+        PolicyAgent(policy, env, None, "noisy")
