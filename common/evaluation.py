@@ -30,6 +30,23 @@ class EpisodeResult(NamedTuple):
                            # False for an env that does not report ``info["is_grasped"]``
 
 
+SAMPLING = ("sde", "ode")  # the stochastic modes of executed_chunk
+
+
+def executed_chunk(policy, obs: dict, generator: Optional[torch.Generator] = None, sampling: str = "sde") -> np.ndarray:
+    """The ``exec_horizon`` actions [k, 7] an actor executes of one chunk for the batch-of-one ``obs``:
+    deterministic (``policy.act`` from x_0 = 0), or with ``generator`` stochastic: ``"sde"`` is an actor's
+    ``policy.sample`` (the RL-time noise on the denoising steps), ``"ode"`` the deterministic ODE from a
+    random x_0 ~ N(0, I), a sample of the flow's own action distribution with no noise added to the actions."""
+    if generator is None:
+        chunk = policy.act(obs)
+    elif sampling == "ode":
+        chunk = policy.act(obs, generator=generator)
+    else:
+        chunk = policy.sample(obs, generator=generator).actions
+    return chunk[0, :policy.exec_horizon].float().cpu().numpy()
+
+
 def run_episode(policy, env, seed: int, device, on_chunk: Optional[Callable[[], None]] = None,
                 sample_generator: Optional[torch.Generator] = None) -> EpisodeResult:
     """One deterministic episode, or with ``sample_generator`` one stochastic episode as an actor rolls
@@ -39,10 +56,7 @@ def run_episode(policy, env, seed: int, device, on_chunk: Optional[Callable[[], 
     tokens = policy.tokenize([info["instruction"]]).to(device)
     steps, episode_return, done = 0, 0.0, False
     while not done:
-        o = policy_obs(obs, tokens, device)
-        chunk = (policy.act(o) if sample_generator is None
-                 else policy.sample(o, generator=sample_generator).actions)[0, :policy.exec_horizon]
-        for action in chunk.float().cpu().numpy():
+        for action in executed_chunk(policy, policy_obs(obs, tokens, device), sample_generator):
             obs, reward, terminated, truncated, info = env.step(action)
             steps += 1
             episode_return += float(reward)
@@ -54,16 +68,11 @@ def run_episode(policy, env, seed: int, device, on_chunk: Optional[Callable[[], 
     return EpisodeResult(bool(info["success"]), steps, episode_return, bool(info.get("is_grasped", False)))
 
 
-SAMPLING = ("sde", "ode")  # PolicyAgent's stochastic modes
-
-
 class PolicyAgent:
     """A saved policy as a step-by-step agent (``reset()``, ``act(obs) -> action[7]``) of ``env``, e.g. for
-    ``common.twin.demos``: a chunk per ``exec_horizon`` steps, as an actor executes it. Deterministic
-    (``policy.act`` from x_0 = 0), or with ``generator`` stochastic: ``sampling="sde"`` is an actor's
-    ``policy.sample`` (the RL-time noise on the denoising steps), ``"ode"`` the deterministic ODE from a
-    random x_0 ~ N(0, I), i.e. a sample of the flow's own action distribution with no noise added to the
-    actions. Its recorded successes are the policy's own successful episodes: offline filtered BC's data."""
+    ``common.twin.demos``: a chunk per ``exec_horizon`` steps (``executed_chunk``: deterministic, or with
+    ``generator`` stochastic by ``sampling``). Its recorded successes are the policy's own successful
+    episodes: offline filtered BC's data."""
 
     def __init__(self, policy, env, generator: Optional[torch.Generator] = None, sampling: str = "sde"):
         if sampling not in SAMPLING:
@@ -80,14 +89,7 @@ class PolicyAgent:
     def act(self, obs: dict) -> np.ndarray:
         if not self.queue:
             o = policy_obs(obs, self.tokens, self.policy.device)
-            if self.generator is None:
-                chunk = self.policy.act(o)
-            elif self.sampling == "ode":
-                chunk = self.policy.act(o, generator=self.generator)
-            else:
-                chunk = self.policy.sample(o, generator=self.generator).actions
-            chunk = chunk[0, :self.policy.exec_horizon]
-            self.queue = list(chunk.float().cpu().numpy())
+            self.queue = list(executed_chunk(self.policy, o, self.generator, self.sampling))
         return self.queue.pop(0)
 
 
