@@ -2,7 +2,8 @@
 
 Layout of ``<dir>/ckpt-<updates:010d>/``:
   policy/              ``policy.save`` output (weights, config, normalisation statistics): a
-                       deployable policy on its own
+                       deployable policy on its own (the EMA of the weights when the learner keeps one)
+  trained_policy/      only with an EMA: the raw weights the optimiser trains (what a resume continues)
   optimizer.pt         optimiser state dict
   meta.json            counters (policy version, updates, samples, drops), the policy class, extras
 
@@ -34,6 +35,7 @@ class LearnerCounters:
     sim_samples: int = 0  # chunk-steps trained on (filtered BC: every chunk-step that reached its success replay)
     real_samples: int = 0  # real frames drawn for the SFT loss
     dropped_segments: int = 0  # too stale, overflow or malformed
+    ema_steps: int = 0  # optimiser steps folded into the EMA of the weights (its decay's warm-up counts them)
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Checkpoint:
     optimizer_state: dict
     counters: LearnerCounters
     extra: dict = field(default_factory=dict)
+    ema: Optional[torch.nn.Module] = None  # the EMA of ``policy`` (saved as policy/), when the learner kept one
 
     def restore(self, policy: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Copy the saved weights (normaliser buffers included) and optimiser state into live objects."""
@@ -67,8 +70,10 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 def save_checkpoint(directory: str | os.PathLike, policy, optimizer: torch.optim.Optimizer,
-                    counters: LearnerCounters, keep: int = 3, extra: Optional[dict[str, Any]] = None) -> Path:
-    """Write a checkpoint atomically and delete all but the newest ``keep`` (``keep <= 0``: keep all)."""
+                    counters: LearnerCounters, keep: int = 3, extra: Optional[dict[str, Any]] = None,
+                    ema=None) -> Path:
+    """Write a checkpoint atomically and delete all but the newest ``keep`` (``keep <= 0``: keep all).
+    With ``ema`` the EMA is the checkpoint's deployable policy/ and ``policy`` goes to trained_policy/."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     for stale in d.glob(TMP_PREFIX + "*"):  # left by a crash mid-save
@@ -77,7 +82,11 @@ def save_checkpoint(directory: str | os.PathLike, policy, optimizer: torch.optim
     final = d / f"{PREFIX}{counters.updates:010d}"
     tmp = d / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
-    policy.save(str(tmp / "policy"))
+    if ema is not None:
+        ema.save(str(tmp / "policy"))
+        policy.save(str(tmp / "trained_policy"))
+    else:
+        policy.save(str(tmp / "policy"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     meta = {"counters": asdict(counters), "policy_class": _class_path(policy), "extra": extra or {},
             "saved_at": time.time()}
@@ -104,10 +113,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
     path = Path(path)
     with open(path / "meta.json") as f:
         meta = json.load(f)
-    policy = import_object(meta["policy_class"]).load(str(path / "policy"), map_location=map_location)
+    policy_class = import_object(meta["policy_class"])
+    ema = None
+    if (path / "trained_policy").is_dir():
+        policy = policy_class.load(str(path / "trained_policy"), map_location=map_location)
+        ema = policy_class.load(str(path / "policy"), map_location=map_location).requires_grad_(False).eval()
+    else:
+        policy = policy_class.load(str(path / "policy"), map_location=map_location)
     optimizer_state = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
     known = {k: v for k, v in meta["counters"].items() if k in LearnerCounters.__dataclass_fields__}
-    return Checkpoint(path, policy, optimizer_state, LearnerCounters(**known), meta.get("extra", {}))
+    return Checkpoint(path, policy, optimizer_state, LearnerCounters(**known), meta.get("extra", {}), ema)
 
 
 def load_latest_checkpoint(directory: str | os.PathLike, map_location: str = "cpu") -> Optional[Checkpoint]:

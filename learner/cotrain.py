@@ -202,13 +202,15 @@ def train_step(policy, optimizer: torch.optim.Optimizer, sim_batch: dict, cfg,
 
 
 def filtered_bc_update(policy, optimizer: torch.optim.Optimizer, cfg, success_replay,
-                       real_batches: Optional[Callable[[int], dict]], rng: np.random.Generator) -> dict[str, float]:
+                       real_batches: Optional[Callable[[int], dict]], rng: np.random.Generator,
+                       after_step: Callable[[], None] = lambda: None) -> dict[str, float]:
     """``learner.rl_objective: filtered_bc``: ``cfg.filtered_bc.steps_per_update`` optimiser steps, each on
     ``total = L_RL + sft_loss_weight * L_SFT`` where L_RL is the flow-matching loss on
     ``filtered_bc.batch_size`` chunk-steps of the policy's own successful twin episodes
     (``learner.success_replay``) and L_SFT the same loss on ``real_batch_size`` real samples from
     ``real_batches(n)`` (None: no SFT term). Actions in the success replay are normalised, as the
-    chains held them; ``to_env_actions`` hands ``sft_loss`` what the env received."""
+    chains held them; ``to_env_actions`` hands ``sft_loss`` what the env received. ``after_step`` runs
+    after each optimiser step (the learner's EMA of the weights)."""
     fbc = cfg.filtered_bc
     device = policy.device
     policy.train()
@@ -236,8 +238,9 @@ def filtered_bc_update(policy, optimizer: torch.optim.Optimizer, cfg, success_re
             skipped += 1
             continue
         grad_norms.append(grad_norm)
-        warm_up_actor_lr(optimizer, int(cfg.get("actor_lr_warmup_steps") or 0))
+        warm_up_actor_lr(optimizer, int(fbc.get("lr_warmup_steps") or 0))
         optimizer.step()
+        after_step()
         per_step.append(stats)
     out = with_loss_ratio(reduce_stats(per_step, [1.0] * len(per_step)), cfg) if per_step else {}
     out.update({"train/optimizer_steps": float(len(per_step)), "train/skipped_nonfinite_steps": float(skipped),

@@ -73,7 +73,8 @@ class Learner:
         self.unpublished_nonfinite = 0  # weight versions withheld because a tensor was not finite
         self.drop_log = RateLimitedLog(log)
         self.trainer = Trainer(lcfg, policy, counters, self.replay, cfg.seed, self.device,
-                               ckpt.optimizer_state if ckpt is not None else None)
+                               ckpt.optimizer_state if ckpt is not None else None,
+                               ckpt.ema if ckpt is not None else None)
         self.metrics = MetricsWriter(lcfg.log_dir)
         self.publisher = WeightPublisher.from_config(cfg.transport)
         self.republish = threading.Event()
@@ -127,7 +128,7 @@ class Learner:
     # -- train thread -------------------------------------------------------------------------
     def publish(self):
         # parameters only: some buffers are infinite by design (normaliser bounds without stats)
-        policy = self.trainer.policy
+        policy = self.trainer.deployed_policy
         bad = [n for n, p in policy.named_parameters() if not bool(torch.isfinite(p).all())]
         self._last_publish = time.time()
         if bad:  # never send poisoned weights to actors and the robot
@@ -141,7 +142,7 @@ class Learner:
         trainer = self.trainer
         self.counters.dropped_segments = trainer.batcher.dropped_stale + trainer.batcher.dropped_overflow
         path = save_checkpoint(self.cfg.learner.checkpoint_dir, trainer.policy, trainer.optimizer, self.counters,
-                               keep=self.cfg.learner.keep_checkpoints)
+                               keep=self.cfg.learner.keep_checkpoints, ema=trainer.ema)
         log.info("checkpoint %s", path)
 
     def update_once(self) -> bool:

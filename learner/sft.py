@@ -21,7 +21,6 @@ mid-save leaves the previous complete copy. Re-running the same command resumes 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import queue
@@ -46,6 +45,7 @@ from common.evaluation import evaluate_policy
 from common.policy import load_policy, make_policy
 from learner.cotrain import make_optimizer, sft_inputs
 from learner.diagnose import diagnose, flat_metrics
+from learner.ema import make_ema, update_ema
 from learner.metrics import MetricsWriter
 from learner.real_replay import RealReplay
 
@@ -67,27 +67,6 @@ def learning_rate(step: int, cfg) -> float:
         floor = cfg.lr * cfg.min_lr_ratio
         return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"sft.lr_schedule must be constant or cosine, got {cfg.lr_schedule!r}")
-
-
-# ----- EMA of the weights (Diffusion Policy, pi0): what is evaluated and saved ---------------------
-def make_ema(policy, decay: float):
-    """A frozen copy of ``policy`` tracking an exponential moving average of its weights; None if decay is 0."""
-    if decay <= 0:
-        return None
-    ema = copy.deepcopy(policy)
-    ema.requires_grad_(False)
-    ema.eval()
-    return ema
-
-
-@torch.no_grad()
-def update_ema(ema, policy, decay: float, step: int) -> None:
-    """ema <- d * ema + (1 - d) * policy, with d warmed up as min(decay, (1 + step) / (10 + step))."""
-    d = min(decay, (1.0 + step) / (10.0 + step))
-    ema_params = [p for p in ema.parameters()]
-    torch._foreach_lerp_(ema_params, [p.detach() for p in policy.parameters()], 1.0 - d)
-    for b_ema, b in zip(ema.buffers(), policy.buffers()):
-        b_ema.copy_(b)
 
 
 class Prefetcher:

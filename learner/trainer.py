@@ -22,6 +22,7 @@ import torch
 from learner.batcher import Batcher
 from learner.checkpoint import LearnerCounters
 from learner.cotrain import filtered_bc_update, make_optimizer, train_step
+from learner.ema import make_ema, update_ema
 from learner.metrics import LossRatioMonitor
 from learner.real_replay import RealReplay
 from learner.success_replay import EpisodeAssembler, SuccessReplay
@@ -43,7 +44,8 @@ class Update:
 
 class Trainer:
     def __init__(self, lcfg, policy: torch.nn.Module, counters: LearnerCounters, replay: Optional[RealReplay],
-                 seed: int, device: torch.device, optimizer_state: Optional[dict] = None):
+                 seed: int, device: torch.device, optimizer_state: Optional[dict] = None,
+                 ema: Optional[torch.nn.Module] = None):
         self.cfg, self.policy, self.counters, self.replay = lcfg, policy, counters, replay
         self.co_train = bool(lcfg.use_real_data_co_training)
         self.rng = np.random.default_rng(seed)
@@ -61,12 +63,20 @@ class Trainer:
         self.objective = str(lcfg.get("rl_objective", "ppo"))
         if self.objective not in RL_OBJECTIVES:
             raise ValueError(f"learner.rl_objective={self.objective!r}: expected one of {RL_OBJECTIVES}")
-        self.success_replay, self.assembler = None, None
+        self.success_replay, self.assembler, self.ema = None, None, None
         if self.objective == "filtered_bc":
             fbc = lcfg.filtered_bc
             self.success_replay = SuccessReplay(int(fbc.capacity_chunks), policy.exec_horizon, seed)
             self.assembler = EpisodeAssembler(policy.exec_horizon, self.success_replay.add, int(fbc.max_episode_chunks))
             self.step = self._filtered_bc_step
+            self.ema_decay = float(fbc.get("ema_decay") or 0.0)
+            self.ema = (ema.to(device) if ema is not None else make_ema(policy, self.ema_decay)) \
+                if self.ema_decay > 0 else None
+
+    @property
+    def deployed_policy(self) -> torch.nn.Module:
+        """What actors act with, evaluations score and checkpoints save as policy/: the EMA when there is one."""
+        return self.ema if self.ema is not None else self.policy
 
     @property
     def version(self) -> int:
@@ -94,7 +104,13 @@ class Trainer:
         if self.success_replay.size()["episodes"] < int(self.cfg.filtered_bc.min_episodes):
             return {"train/optimizer_steps": 0.0}
         real = (lambda n: self.replay.sample(n, self.policy.chunk_size, self.rng)) if co_train else None
-        return filtered_bc_update(self.policy, self.optimizer, self.cfg, self.success_replay, real, self.rng)
+        return filtered_bc_update(self.policy, self.optimizer, self.cfg, self.success_replay, real, self.rng,
+                                  self._update_ema)
+
+    def _update_ema(self) -> None:
+        if self.ema is not None:
+            update_ema(self.ema, self.policy, self.ema_decay, self.counters.ema_steps)
+            self.counters.ema_steps += 1
 
     def train_once(self) -> Optional[Update]:
         """One update on the next batch; None when no batch is ready."""

@@ -5,7 +5,9 @@ import torch
 
 from common.config import load_config
 from common.policy import make_policy
+from common.policy import load_policy
 from learner.checkpoint import LearnerCounters, list_checkpoints, load_latest_checkpoint, save_checkpoint
+from learner.ema import make_ema, update_ema
 
 torch.set_num_threads(1)
 STATS = {"action": {"mean": np.arange(7) * 0.1, "std": np.full(7, 2.0)},
@@ -57,6 +59,24 @@ def test_save_and_resume_restores_everything(tmp_path, policy_cfg):
                                  "updates": ckpt.counters.updates + 1})
     save_checkpoint(tmp_path, fresh, fresh_optimizer, resumed, keep=3)
     assert load_latest_checkpoint(tmp_path).counters.policy_version == 18
+
+
+def test_with_an_ema_the_deployable_policy_is_the_ema_and_a_resume_gets_the_trained_weights(tmp_path, policy_cfg):
+    policy, optimizer = trained_policy_and_optimizer(policy_cfg, steps=0)
+    ema = make_ema(policy, 0.999)
+    policy, optimizer = trained_policy_and_optimizer(policy_cfg, steps=3)  # same init (seed 0), then trained
+    update_ema(ema, policy, 0.999, step=0)  # d = 0.1: the EMA sits between the two
+    path = save_checkpoint(tmp_path, policy, optimizer, LearnerCounters(updates=5, ema_steps=1), ema=ema)
+    deployed = load_policy(str(path / "policy"))  # what evaluations and the experiment read
+    ckpt = load_latest_checkpoint(tmp_path)
+    name = next(n for n, p in policy.named_parameters() if not torch.equal(p, dict(ema.named_parameters())[n]))
+    assert torch.equal(dict(deployed.named_parameters())[name], dict(ema.named_parameters())[name])
+    assert torch.equal(dict(ckpt.policy.named_parameters())[name], dict(policy.named_parameters())[name])
+    assert torch.equal(dict(ckpt.ema.named_parameters())[name], dict(ema.named_parameters())[name])
+    assert ckpt.counters.ema_steps == 1 and not any(p.requires_grad for p in ckpt.ema.parameters())
+    # without an EMA the layout is as before: one policy/, no ema on load
+    plain = save_checkpoint(tmp_path / "plain", policy, optimizer, LearnerCounters(updates=6))
+    assert not (plain / "trained_policy").exists() and load_latest_checkpoint(tmp_path / "plain").ema is None
 
 
 def test_keeps_last_k_and_ignores_partial_writes(tmp_path, policy_cfg):

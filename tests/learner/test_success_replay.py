@@ -130,7 +130,7 @@ def test_a_segment_stream_needs_both_numbers_as_non_negative_integers(meta, expe
 def tiny_cfg(*overrides):
     return load_config("config", ["policy=tiny", "device=cpu", "learner.rl_objective=filtered_bc",
                                   "learner.filtered_bc.batch_size=16", "learner.filtered_bc.min_episodes=1",
-                                  "learner.real_batch_size=8", "learner.actor_lr_warmup_steps=0",
+                                  "learner.real_batch_size=8", "learner.filtered_bc.lr_warmup_steps=0",
                                   "learner.filtered_bc.lr=1e-3", "learner.global_batch_size=2",
                                   "learner.micro_batch_size=2", *overrides])
 
@@ -188,7 +188,7 @@ def test_filtered_bc_fits_the_successful_actions_and_adds_the_real_term():
 
 def test_trainer_joins_streamed_segments_and_trains_once_the_replay_is_ready():
     cfg = tiny_cfg("learner.use_real_data_co_training=false", "learner.filtered_bc.min_episodes=3",
-                   "learner.filtered_bc.steps_per_update=3")
+                   "learner.filtered_bc.steps_per_update=3", "learner.filtered_bc.ema_decay=0")
     torch.manual_seed(0)
     policy = make_policy(cfg.policy)
     trainer = Trainer(cfg.learner, policy, LearnerCounters(), None, seed=0, device=torch.device("cpu"))
@@ -207,3 +207,29 @@ def test_trainer_joins_streamed_segments_and_trains_once_the_replay_is_ready():
     # filtered BC learns from every joined chunk-step, not only the batches it paces its updates by
     assert trainer.counters.sim_samples == 6 * T
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+@pytest.mark.parametrize("decay", [0.999, 0.0])
+def test_the_deployed_policy_is_an_ema_of_the_trained_weights_when_filtered_bc_keeps_one(decay):
+    cfg = tiny_cfg("learner.use_real_data_co_training=false", "learner.filtered_bc.steps_per_update=4",
+                   f"learner.filtered_bc.ema_decay={decay}")
+    torch.manual_seed(0)
+    policy = make_policy(cfg.policy)
+    start = [p.detach().clone() for p in policy.parameters()]
+    trainer = Trainer(cfg.learner, policy, LearnerCounters(), None, seed=0, device=torch.device("cpu"))
+    for seq in range(2):
+        trainer.add_segment(policy_segment(policy, 4 * seq, done=[3], success=[3]), 0, ("actor", 0, seq))
+    assert trainer.train_once().stats["train/optimizer_steps"] == 4.0
+    deployed = list(trainer.deployed_policy.parameters())
+    if decay == 0:
+        assert trainer.ema is None and trainer.deployed_policy is policy and trainer.counters.ema_steps == 0
+        return
+    assert trainer.deployed_policy is trainer.ema and trainer.counters.ema_steps == 4
+    moved = [i for i, (a, b) in enumerate(zip(start, policy.parameters())) if not torch.equal(a, b)]
+    assert moved
+    # the EMA lags the trained weights: off both ends, nearer the start than the raw weights are (Adam's first
+    # steps all move ~lr in one direction, so the averaged iterates trail the last one)
+    raw = torch.cat([list(policy.parameters())[i].detach().flatten() for i in moved])
+    s0, e = torch.cat([start[i].flatten() for i in moved]), torch.cat([deployed[i].flatten() for i in moved])
+    assert not torch.equal(e, raw) and not torch.equal(e, s0)
+    assert float((e - s0).norm()) < float((raw - s0).norm())

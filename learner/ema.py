@@ -1,0 +1,27 @@
+"""An exponential moving average of a policy's weights (Diffusion Policy, pi0): the policy that is
+evaluated, saved and (in Stage II's filtered BC) broadcast, while the optimiser trains the raw weights."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def make_ema(policy, decay: float):
+    """A frozen copy of ``policy`` tracking an exponential moving average of its weights; None if decay is 0."""
+    if decay <= 0:
+        return None
+    ema = copy.deepcopy(policy)
+    ema.requires_grad_(False)
+    ema.eval()
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema, policy, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * policy, with d warmed up as min(decay, (1 + step) / (10 + step))."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    ema_params = [p for p in ema.parameters()]
+    torch._foreach_lerp_(ema_params, [p.detach() for p in policy.parameters()], 1.0 - d)
+    for b_ema, b in zip(ema.buffers(), policy.buffers()):
+        b_ema.copy_(b)
