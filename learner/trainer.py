@@ -63,6 +63,9 @@ class Trainer:
         self.objective = str(lcfg.get("rl_objective", "ppo"))
         if self.objective not in RL_OBJECTIVES:
             raise ValueError(f"learner.rl_objective={self.objective!r}: expected one of {RL_OBJECTIVES}")
+        if self.objective == "ppo" and not any(getattr(policy, "stochastic_steps", (True,))):
+            raise ValueError("learner.rl_objective=ppo needs a stochastic denoising step, but the policy samples "
+                             "with noise.stochastic_steps=none (learner.policy_noise): no chain likelihood to train")
         self.success_replay, self.assembler, self.ema = None, None, None
         if self.objective == "filtered_bc":
             fbc = lcfg.filtered_bc

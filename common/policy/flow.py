@@ -15,7 +15,8 @@ density log N(x_0; 0, I) does not depend on the weights and is left out.
 Which terms enter log p (``ChainScoring``, the policy config's ``noise.stochastic_steps`` and
 ``noise.score``): a step that adds no noise (``stochastic_steps: last`` keeps only the last one
 stochastic, as DPPO fine-tunes the last denoising steps) is the deterministic Euler step and has no
-term; ``score: executed`` leaves out the last step's terms for the chunk positions the actor does not
+term (``none``: every step deterministic, so a sample is the ODE from a random x_0 and log p is 0: for
+filtered BC, which needs no likelihood); ``score: executed`` leaves out the last step's terms for the chunk positions the actor does not
 execute. Those draws reach neither the env nor a later step, so their score has zero mean given the
 rest: the policy gradient keeps its expectation and loses their variance (PPO's ratio is then a
 density over fewer dimensions: with K = 4, H = 8, k = 4, 196 or, with ``last``, 28 instead of 224).
@@ -28,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 LOG_2PI = math.log(2.0 * math.pi)
-STOCHASTIC_STEPS = ("all", "last")
+STOCHASTIC_STEPS = ("all", "last", "none")
 SCORES = ("chunk", "executed")
 
 
@@ -42,6 +43,8 @@ def scored_terms(num_steps: int, chunk_size: int, exec_horizon: int, stochastic_
     terms = torch.ones(num_steps, chunk_size, dtype=torch.bool, device="cpu")  # also under torch.device("meta")
     if stochastic_steps == "last":
         terms[:-1] = False
+    elif stochastic_steps == "none":  # the ODE from a random x_0: a sample of the flow, nothing to score
+        terms[:] = False
     if score == "executed":
         terms[-1, exec_horizon:] = False
     return terms

@@ -105,6 +105,22 @@ def test_scored_terms_of_the_chain(steps, score):
         make_tiny("noise.stochastic_steps=first")
 
 
+def test_no_stochastic_step_samples_the_ode_from_a_random_start():
+    """noise.stochastic_steps=none (filtered BC's actors): a sample is act() from the same random x_0,
+    nothing is scored, and two draws differ (the randomness is the start, not added noise)."""
+    policy = make_tiny("noise.stochastic_steps=none")
+    obs = make_obs(policy, 4)
+    with torch.no_grad():
+        out = policy.sample(obs, generator=torch.Generator().manual_seed(3))
+        ode = policy.act(obs, generator=torch.Generator().manual_seed(3))
+        other = policy.sample(obs, generator=torch.Generator().manual_seed(4))
+        ev = policy.evaluate(obs, out.chain)
+    assert not policy.chain_terms.any() and policy.stochastic_steps == (False,) * policy.num_denoise_steps
+    torch.testing.assert_close(out.actions, ode, atol=1e-5, rtol=0)
+    assert torch.equal(out.log_prob, torch.zeros(4)) and torch.equal(ev.log_prob, torch.zeros(4))
+    assert not torch.allclose(out.actions, other.actions)
+
+
 def test_sampler_draws_from_the_transitions_it_scores():
     policy = make_tiny()
     obs = make_obs(policy, 64)

@@ -233,3 +233,12 @@ def test_the_deployed_policy_is_an_ema_of_the_trained_weights_when_filtered_bc_k
     s0, e = torch.cat([start[i].flatten() for i in moved]), torch.cat([deployed[i].flatten() for i in moved])
     assert not torch.equal(e, raw) and not torch.equal(e, s0)
     assert float((e - s0).norm()) < float((raw - s0).norm())
+
+
+def test_ppo_refuses_a_policy_with_no_stochastic_step():
+    cfg = tiny_cfg("learner.rl_objective=ppo", "policy.noise.stochastic_steps=none")
+    with pytest.raises(ValueError, match="stochastic_steps=none"):
+        Trainer(cfg.learner, make_policy(cfg.policy), LearnerCounters(), None, seed=0, device=torch.device("cpu"))
+    cfg = tiny_cfg("policy.noise.stochastic_steps=none")  # filtered BC samples the ODE: fine
+    assert Trainer(cfg.learner, make_policy(cfg.policy), LearnerCounters(), None, seed=0,
+                   device=torch.device("cpu")).objective == "filtered_bc"
