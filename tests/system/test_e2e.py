@@ -141,9 +141,12 @@ def test_learner_and_actors_train_survive_kill_and_resume(tmp_path, real_proxy_d
 
 def test_filtered_bc_joins_ring_segments_into_episodes(tmp_path, real_proxy_dataset):
     """The filtered-BC learner gets each segment's stream (env index, env_seq) through the shared-memory
-    ring's notice, whose own "seq" is the slot's: episodes spanning segments are joined, none dropped."""
+    ring's notice, whose own "seq" is the slot's: episodes spanning segments are joined, none dropped.
+    As tandem-experiment's fbc conditions run it: actors sampling the ODE from a random x_0, an EMA
+    checkpointed as the deployable policy."""
     run_dir = tmp_path / "run"
     procs = Procs(tmp_path, [f"run_dir={run_dir}", *FAST, *transport(tmp_path), "learner.rl_objective=filtered_bc",
+                             "learner.policy_noise.stochastic_steps=none",
                              f"learner.real_datasets=[{{repo_id: local/real, root: {real_proxy_dataset}}}]"])
     try:
         procs.start("learner", "learner.main")
@@ -161,3 +164,5 @@ def test_filtered_bc_joins_ring_segments_into_episodes(tmp_path, real_proxy_data
         assert not [e for e in acc.Scalars("replay/discarded_partial_episodes") if e.value > 0]
     # 20-step episodes of 4-step chunks over 2-chunk-step segments: each episode spans 3 segments
     assert max(assembled) >= 2
+    last = sorted((run_dir / "checkpoints").glob("ckpt-*"))[-1]
+    assert (last / "policy").is_dir() and (last / "trained_policy").is_dir()
