@@ -16,10 +16,11 @@ Which terms enter log p (``ChainScoring``, the policy config's ``noise.stochasti
 ``noise.score``): a step that adds no noise (``stochastic_steps: last`` keeps only the last one
 stochastic, as DPPO fine-tunes the last denoising steps) is the deterministic Euler step and has no
 term (``none``: every step deterministic, so a sample is the ODE from a random x_0 and log p is 0: for
-filtered BC, which needs no likelihood); ``score: executed`` leaves out the last step's terms for the chunk positions the actor does not
-execute. Those draws reach neither the env nor a later step, so their score has zero mean given the
-rest: the policy gradient keeps its expectation and loses their variance (PPO's ratio is then a
-density over fewer dimensions: with K = 4, H = 8, k = 4, 196 or, with ``last``, 28 instead of 224).
+filtered BC, which needs no likelihood); ``score: executed`` leaves out the last step's terms for the
+chunk positions the actor does not execute. Those draws reach neither the env nor a later step, so
+their score has zero mean given the rest: the policy gradient keeps its expectation and loses their
+variance (PPO's ratio is then a density over fewer dimensions: with K = 4, H = 8, k = 4, 196 or, with
+``last``, 28 instead of 224).
 """
 from __future__ import annotations
 
