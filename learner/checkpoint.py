@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from common.imports import import_object
+from learner.ema import as_ema
 
 PREFIX = "ckpt-"
 TMP_PREFIX = ".tmp-"
@@ -117,7 +118,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Check
     ema = None
     if (path / "trained_policy").is_dir():
         policy = policy_class.load(str(path / "trained_policy"), map_location=map_location)
-        ema = policy_class.load(str(path / "policy"), map_location=map_location).requires_grad_(False).eval()
+        ema = as_ema(policy_class.load(str(path / "policy"), map_location=map_location))
     else:
         policy = policy_class.load(str(path / "policy"), map_location=map_location)
     optimizer_state = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)

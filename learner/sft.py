@@ -45,7 +45,7 @@ from common.evaluation import evaluate_policy
 from common.policy import load_policy, make_policy
 from learner.cotrain import make_optimizer, sft_inputs
 from learner.diagnose import diagnose, flat_metrics
-from learner.ema import make_ema, update_ema
+from learner.ema import as_ema, make_ema, update_ema
 from learner.metrics import MetricsWriter
 from learner.real_replay import RealReplay
 
@@ -184,7 +184,7 @@ def load_training(cfg, device: torch.device, rng: np.random.Generator):
     state = TrainState(**json.loads((d / "state.json").read_text()))
     ema = None
     if cfg.ema_decay > 0:
-        ema = (load_policy(str(d / "ema"), map_location=str(device)).requires_grad_(False).eval()
+        ema = (as_ema(load_policy(str(d / "ema"), map_location=str(device)))
                if (d / "ema").exists() else make_ema(policy, cfg.ema_decay))
     return policy, optimizer, state, ema
 
